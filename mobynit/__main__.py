@@ -1,0 +1,3 @@
+from mobynit.cli import main
+
+raise SystemExit(main())

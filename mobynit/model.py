@@ -1,0 +1,149 @@
+"""The data model: what the store holds and what the selection decided.
+
+These are frozen records. They are not attrs classes because they sit on the
+boot path, where importing attrs alone costs more than a whole assemble; the
+small `Record` base gives the same guarantees (immutable, compared and shown
+by value) for the price of a class statement.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False  # `import typing` costs ~10 ms at boot
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+
+class Record:
+    """A frozen value object whose fields are its `__slots__`."""
+
+    __slots__ = ()
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        fields = self.__slots__
+        if len(args) > len(fields):
+            raise TypeError(f"{type(self).__name__} takes {len(fields)} fields")
+        values = dict(zip(fields, args))
+        for key, value in kwargs.items():
+            if key not in fields or key in values:
+                raise TypeError(f"{type(self).__name__}: bad or repeated field {key!r}")
+            values[key] = value
+        for key in fields:
+            if key not in values:
+                raise TypeError(f"{type(self).__name__}: missing field {key!r}")
+            object.__setattr__(self, key, values[key])
+
+    def __setattr__(self, key: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+    def __delattr__(self, key: str) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, f) for f in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other._values() == self._values()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, *(_hashable(v) for v in self._values())))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{f}={getattr(self, f)!r}" for f in self.__slots__)
+        return f"{type(self).__name__}({inner})"
+
+    def replace(self, **changes: object):  # type: ignore[no-untyped-def]
+        values = {f: getattr(self, f) for f in self.__slots__}
+        values.update(changes)
+        return type(self)(**values)
+
+
+def _hashable(value: object) -> object:
+    if isinstance(value, dict):
+        return tuple(sorted(value.items()))
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+class Layer(Record):
+    """One read-only layer directory of an overlay2 store.
+
+    `path` is the absolute `overlay2/<id>/diff`; `link` is the store's short
+    `l/<26 chars>` alias for it, relative to the store's overlay2 directory
+    (None for a container's own diff, which has no alias in `lower`).
+    """
+
+    __slots__ = ("id", "path", "link")
+    id: str
+    path: str
+    link: str | None
+
+
+class Container(Record):
+    """A container as the engine left it in `containers/<id>/config.v2.json`.
+
+    `layers` is the read-only stack to mount, top first: the container's own
+    diff when it holds anything, then its image layers; never the `-init` layer.
+    `overlay2` is the store's layer directory, which relative links resolve against.
+    """
+
+    __slots__ = ("id", "name", "labels", "state", "layers", "overlay2", "config")
+    id: str
+    name: str
+    labels: Mapping[str, str]
+    state: str | None  # None, "Dead" or "RemovalInProgress"
+    layers: tuple[Layer, ...]
+    overlay2: str
+    config: str
+
+
+class KernelModules(Record):
+    """What an extension carries under /lib/modules/<running release>.
+
+    `symvers_sha256` is the sha256 of its Module.symvers (the extension's
+    kernel ABI id), or None when the directory has no Module.symvers.
+    """
+
+    __slots__ = ("release", "symvers_sha256")
+    release: str
+    symvers_sha256: str | None
+
+
+class Extension(Record):
+    """An extension container found in the data store.
+
+    Either `container` is set, or `fault` says in one line (naming the file)
+    why it could not be read; `name` is then the best name known.
+    `modules` is None when the extension has no modules for the running kernel.
+    """
+
+    __slots__ = ("id", "name", "container", "modules", "fault")
+    id: str
+    name: str
+    container: Container | None
+    modules: KernelModules | None
+    fault: str | None
+
+
+OVERRIDE = "override"
+NORMAL = "normal"
+
+
+class Decision(Record):
+    """What the selection made of one extension.
+
+    `position` is "override" (left of the hostapp, may replace its files) or
+    "normal" (right of it, may only add); `priority` is the override's integer
+    N, None otherwise. `reason` is set exactly when the extension is left out.
+    """
+
+    __slots__ = ("extension", "included", "position", "priority", "reason", "warning")
+    extension: Extension
+    included: bool
+    position: str
+    priority: int | None
+    reason: str | None
+    warning: str | None
+
+    def drop(self, reason: str) -> Decision:
+        return self.replace(included=False, reason=reason)
