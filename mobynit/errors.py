@@ -23,3 +23,17 @@ class MountError(MobynitError):
 
 class UsageError(MobynitError):
     """The command line given to mobynit itself is wrong."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A value from the store made safe to print: control characters escaped, length capped.
+
+    Labels and names are data written by whoever built an image; they must not
+    be able to forge console lines or flood a log.
+    """
+    text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)

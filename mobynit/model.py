@@ -68,15 +68,15 @@ def _hashable(value: object) -> object:
 class Layer(Record):
     """One read-only layer directory of an overlay2 store.
 
-    `path` is the absolute `overlay2/<id>/diff`; `link` is the store's short
-    `l/<26 chars>` alias for it, relative to the store's overlay2 directory
-    (None for a container's own diff, which has no alias in `lower`).
+    `path` is the absolute `overlay2/<id>/diff`; `link` names it relative to
+    the store's overlay2 directory: the short `l/<26 chars>` alias for image
+    layers, `<id>/diff` for a container's own diff, which has no alias.
     """
 
     __slots__ = ("id", "path", "link")
     id: str
     path: str
-    link: str | None
+    link: str
 
 
 class Container(Record):

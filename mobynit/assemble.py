@@ -1,0 +1,249 @@
+"""From two stores to one mounted root: the sequence shared by the CLI and boot.
+
+read the hostapp -> find extensions -> select -> plan -> execute -> record.
+A fault in an extension never escapes this module: it becomes a decision
+with a reason, and if the kernel still refuses a mount the plan is rebuilt
+without the culprit. Only the hostapp can make it fail (HostappError).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from mobynit import plan as planner
+from mobynit import policy
+from mobynit.cmdline import Cmdline
+from mobynit.errors import HostappError, MountError, StoreError, shown
+from mobynit.model import OVERRIDE, Record
+from mobynit.store import Store, hostapp_id
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
+    from mobynit.model import Container, Decision, Extension
+    from mobynit.plan import Operation, Plan
+
+DEFAULT_TARGET = "/sysroot"  # outside /run, which boot moves into the new root
+DEFAULT_WORKDIR = "/run/mobynit/work"
+DEFAULT_RECORD = "/run/mobynit/boot.json"
+HOSTAPP_STORE = "balena"
+DATA_STORE = "docker"
+PURGE_MARKER = "remove_me_to_reset"
+
+
+class Layout(Record):
+    """Where the stores are: balenaOS defaults, each overridable."""
+
+    __slots__ = ("sysroot", "hostapp_store", "data", "data_store", "purge_marker")
+    sysroot: str
+    hostapp_store: str
+    data: str | None
+    data_store: str | None
+    purge_marker: str | None
+
+
+def layout(
+    sysroot: str,
+    data: str | None = None,
+    *,
+    hostapp_store: str | None = None,
+    data_store: str | None = None,
+    purge_marker: str | None = None,
+) -> Layout:
+    sysroot = sysroot.rstrip("/") or "/"
+    if data is not None:
+        data = data.rstrip("/") or "/"
+    return Layout(
+        sysroot=sysroot,
+        hostapp_store=hostapp_store or f"{sysroot}/{HOSTAPP_STORE}",
+        data=data,
+        data_store=data_store or (f"{data}/{DATA_STORE}" if data else None),
+        purge_marker=purge_marker or (f"{data}/{PURGE_MARKER}" if data else None),
+    )
+
+
+def read_hostapp(where: Layout) -> Container:
+    try:
+        return Store(where.hostapp_store).container(hostapp_id(where.sysroot))
+    except StoreError as e:
+        raise HostappError(f"cannot read the hostapp: {e}") from None
+
+
+def find_extensions(where: Layout, cmdline: Cmdline, kernel_release: str) -> tuple[list[Extension], str | None, str | None]:
+    """(extensions, disabled_by, disabled_reason): the store is not read at all when extensions are off."""
+    token = cmdline.extensions_disabled_by()
+    if token is not None:
+        return [], token, f"extensions disabled by {shown(token)} on the kernel command line"
+    if where.data is None or where.data_store is None:
+        return [], None, "no data partition given: hostapp only"
+    if not os.path.isdir(where.data):
+        return [], None, f"data partition not found at {where.data}: hostapp only"
+    if where.purge_marker and not os.path.lexists(where.purge_marker):
+        return [], None, f"{where.purge_marker} is missing (a data reset is pending): extensions not overlaid"
+    return Store(where.data_store).scan(policy.is_extension, kernel_release), None, None
+
+
+class Selection(Record):
+    """What was read and decided, before any mount: the input of every plan attempt."""
+
+    __slots__ = ("hostapp", "decisions", "disabled_by", "disabled_reason", "kernel_release")
+    hostapp: Container
+    decisions: tuple[Decision, ...]
+    disabled_by: str | None
+    disabled_reason: str | None
+    kernel_release: str
+
+
+def select(where: Layout, cmdline: Cmdline, kernel_release: str, *, extensions: bool = True) -> Selection:
+    hostapp = read_hostapp(where)
+    if extensions:
+        found, token, why = find_extensions(where, cmdline, kernel_release)
+    else:
+        found, token, why = [], None, "hostapp only"
+    decisions = policy.select(found, kernel_release, cmdline.get(policy.CMDLINE_ABI))
+    return Selection(
+        hostapp=hostapp, decisions=tuple(decisions), disabled_by=token, disabled_reason=why, kernel_release=kernel_release
+    )
+
+
+def make_plan(
+    sel: Selection, *, target: str, workdir: str, page_size: int, exclude: Mapping[str, str] | None = None
+) -> Plan:
+    decisions: Sequence[Decision] = sel.decisions
+    if exclude:
+        decisions = [d.drop(exclude[d.extension.id]) if d.included and d.extension.id in exclude else d for d in decisions]
+    try:
+        return planner.build(
+            sel.hostapp,
+            decisions,
+            target=target,
+            workdir=workdir,
+            page_size=page_size,
+            kernel_release=sel.kernel_release,
+            disabled_by=sel.disabled_by,
+            disabled_reason=sel.disabled_reason,
+        )
+    except ValueError as e:
+        raise HostappError(str(e)) from None
+
+
+class OperationFailed(MountError):
+    def __init__(self, op: Operation, error: OSError) -> None:
+        super().__init__(f"{op.describe()}: {error.strerror}")
+        self.op = op
+
+
+def execute(operations: Sequence[Operation]) -> None:
+    """Run the operations in order; on failure undo what was done, then raise."""
+    done: list[Operation] = []
+    for op in operations:
+        try:
+            op.execute()
+        except OSError as e:
+            for earlier in reversed(done):
+                try:
+                    earlier.undo()
+                except OSError:
+                    pass
+            raise OperationFailed(op, e) from None
+        done.append(op)
+
+
+def mount_plan(
+    sel: Selection, *, target: str, workdir: str, page_size: int, log: Callable[[str], None]
+) -> tuple[Plan, list[str]]:
+    """Execute a plan; when the kernel refuses an extension, rebuild without it.
+
+    Returns the plan that was carried out and the fallbacks taken on the way.
+    """
+    exclude: dict[str, str] = {}
+    fallbacks: list[str] = []
+    while True:
+        plan = make_plan(sel, target=target, workdir=workdir, page_size=page_size, exclude=exclude)
+        try:
+            execute(plan.operations)
+        except OperationFailed as e:
+            owner = e.op.owner
+            included = [d.extension.id for d in plan.decisions if d.included]
+            if owner == planner.HOSTAPP or not included:
+                raise HostappError(f"cannot mount the hostapp: {e}") from None
+            if owner == planner.ROOT:
+                reason = f"the root mount failed with extensions ({e}); mounting the hostapp alone"
+                exclude.update({i: reason for i in included})
+            else:
+                reason = f"mounting it failed: {e}"
+                exclude[owner] = reason
+            fallbacks.append(reason)
+            log(f"fallback: {reason}")
+            continue
+        break
+    if not os.statvfs(target).f_flag & os.ST_RDONLY:
+        raise HostappError(f"{target} was mounted but is not read-only; refusing to hand it over")
+    return plan, fallbacks
+
+
+def describe_selection(plan: Plan) -> list[str]:
+    """One console line per decision."""
+    h = plan.hostapp
+    lines = [f"hostapp {shown(h.name)} ({h.id[:12]}): {len(h.layers)} layers"]
+    if plan.disabled_reason:
+        lines.append(plan.disabled_reason)
+    for d in plan.decisions:
+        name = shown(d.extension.name)
+        if d.warning:
+            lines.append(f"extension {name}: warning: {d.warning}")
+        if d.included:
+            where = f"override {d.priority if d.priority is not None else '(unranked)'}" if d.position == OVERRIDE else "normal"
+            lines.append(f"extension {name}: included, {where}")
+        else:
+            lines.append(f"extension {name}: skipped: {d.reason}")
+    return lines
+
+
+def assemble(
+    *,
+    sysroot: str,
+    data: str | None,
+    target: str,
+    cmdline: str,
+    kernel_release: str,
+    page_size: int,
+    workdir: str = DEFAULT_WORKDIR,
+    log: Callable[[str], None] = lambda line: None,
+    hostapp_store: str | None = None,
+    data_store: str | None = None,
+    purge_marker: str | None = None,
+    extensions: bool = True,
+) -> dict[str, object]:
+    """Mount the read-only root at `target`; return the record of what was done."""
+    t0 = time.perf_counter()
+    where = layout(sysroot, data, hostapp_store=hostapp_store, data_store=data_store, purge_marker=purge_marker)
+    sel = select(where, Cmdline(cmdline), kernel_release, extensions=extensions)
+    t1 = time.perf_counter()
+    plan, fallbacks = mount_plan(sel, target=target, workdir=workdir, page_size=page_size, log=log)
+    t2 = time.perf_counter()
+    for line in describe_selection(plan):
+        log(line)
+    n = len(plan.included)
+    log(f"root mounted read-only at {target}: hostapp and {n} extension{'s' if n != 1 else ''}")
+    record = plan.as_json()
+    record["fallbacks"] = fallbacks
+    record["timings_ms"] = {"read_and_select": round((t1 - t0) * 1000, 3), "mount": round((t2 - t1) * 1000, 3)}
+    return record
+
+
+def write_record(path: str, record: Mapping[str, object]) -> None:
+    """Write atomically: a reader sees the old record or the new one, never half."""
+    import json
+
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)

@@ -1,0 +1,293 @@
+"""The boot sequence, run by the initramfs's /init (busybox sh, PID 1).
+
+/init mounts the kernel's file systems and loads modules, then runs this;
+it prepares the new root completely and tells /init what to do next through
+its exit status, because only PID 1 may `switch_root` out of the initramfs
+(pivot_root from rootfs fails with EINVAL):
+
+  0    the new root is ready at NEWROOT; /init execs `switch_root NEWROOT <init>`
+       with the init named in HANDOVER
+  100  the hostapp cannot be booted and `mobynit.shell` asks for a rescue shell
+  else the hostapp cannot be booted: /init lets the kernel panic, which
+       reboots (`panic=`), so the bootloader's boot counter can fall back
+
+Sequence: find the root partition, mount it read-only, find and mount the
+data partition (unless extensions are switched off), assemble the hostapp
+with its extensions read-only at NEWROOT, move /dev /proc /sys /run into it
+and the root partition to /mnt/sysroot/active, leave the boot record at
+/run/mobynit/boot.json.
+
+Command line (besides the switches the assembler reads):
+  root=DEV            root partition (LABEL=, UUID=, PARTUUID=, PARTLABEL=, /dev/...)
+  rootfstype=TYPE     its file system, ext4 when absent
+  mobynit.data=DEV    data partition, LABEL=resin-data when absent; `none` for no data partition
+  mobynit.wait=SECS   how long to wait for each of them to appear (30)
+  init=PATH           the new root's init, /sbin/init when absent
+  mobynit.shell       a rescue shell instead of a panic when the hostapp cannot boot
+  mobynit.debug       more lines on the console
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from mobynit import assemble as assembler
+from mobynit import blockdev, cmdline, syscalls
+from mobynit.console import Console
+from mobynit.errors import HostappError, MobynitError
+
+EXIT_HANDOVER = 0
+EXIT_RESCUE = 100
+EXIT_PANIC = 1
+
+NEWROOT = "/newroot"
+SYSROOT = "/sysroot"
+DATA = "/data"
+WORKDIR = "/mobynit/work"
+HANDOVER = "/mobynit/handover"
+RECORD = "/run/mobynit/boot.json"
+ACTIVE = "/mnt/sysroot/active"
+MOVED = ("/dev", "/proc", "/sys", "/run")
+
+DEFAULT_DATA = "LABEL=resin-data"
+DEFAULT_INIT = "/sbin/init"
+DEFAULT_WAIT = 30.0
+
+
+def uptime() -> float:
+    """Seconds since the kernel started, the clock of /proc/uptime and dmesg."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class Boot:
+    """One boot: the decisions made so far, their timings, and the voice."""
+
+    def __init__(self, cmd: cmdline.Cmdline, console: Console, init_start: float | None) -> None:
+        self.cmd = cmd
+        self.console = console
+        self.log = console.info
+        self.phases: dict[str, float] = {}
+        self.info: dict[str, object] = {
+            "init_start": init_start,
+            "python_start": round(uptime(), 3),
+            "cmdline": cmd.text.strip(),
+        }
+
+    def timed(self, phase: str, start: float) -> None:
+        self.phases[phase] = round(time.monotonic() - start, 4)
+
+    def wait(self) -> float:
+        value = self.cmd.get("mobynit.wait")
+        if value is None:
+            return DEFAULT_WAIT
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds < 3600:
+            self.log(f"mobynit.wait={value} is not a number of seconds; waiting {DEFAULT_WAIT:g} s")
+            return DEFAULT_WAIT
+        return seconds
+
+    def find(self, param: str, text: str, phase: str) -> str | None:
+        """The device `text` names, waited for; None when it does not come."""
+        try:
+            spec = blockdev.DeviceSpec(text)
+        except ValueError as e:
+            self.log(f"{param}: {e}")
+            return None
+        start = time.monotonic()
+        path, waited = blockdev.wait_for(spec, self.wait(), log=self.console.debug)
+        self.timed(phase, start)
+        if path is None:
+            self.log(f"{param}{spec} did not appear within {waited:.1f} s")
+        elif waited > 0:
+            self.log(f"{spec} appeared as {path} after {waited:.2f} s")
+        return path
+
+    def mount_root(self) -> None:
+        text = self.cmd.get("root")
+        if not text:
+            raise HostappError("no root= on the kernel command line: cannot find the root partition")
+        path = self.find("root=", text, "wait_root")
+        if path is None:
+            raise HostappError(f"root partition {text} not found")
+        fstype = self.cmd.get("rootfstype") or "ext4"
+        start = time.monotonic()
+        os.makedirs(SYSROOT, exist_ok=True)
+        try:
+            syscalls.mount(path, SYSROOT, fstype, syscalls.MS_RDONLY)
+        except OSError as e:
+            raise HostappError(f"cannot mount root partition {path} ({fstype}) read-only: {e.strerror}") from None
+        self.timed("mount_root", start)
+        self.info["root"] = {"spec": text, "device": path, "fstype": fstype}
+        self.log(f"root {text} is {path}, mounted read-only")
+
+    def mount_data(self) -> str | None:
+        """The data partition's mount point, or None to boot without extensions."""
+        text = self.cmd.get("mobynit.data") or DEFAULT_DATA
+        record: dict[str, object] = {"spec": text, "device": None}
+        self.info["data"] = record
+        switch = self.cmd.extensions_disabled_by()
+        if switch is not None:
+            record["reason"] = f"extensions disabled by {switch}"
+            self.log(f"data partition not mounted: extensions disabled by {switch}")
+            return None
+        if text == "none":
+            record["reason"] = "mobynit.data=none"
+            self.log("no data partition (mobynit.data=none): no extensions")
+            return None
+        path = self.find("data partition ", text, "wait_data")
+        if path is None:
+            record["reason"] = "not found"
+            self.log("booting without extensions: no data partition")
+            return None
+        start = time.monotonic()
+        os.makedirs(DATA, exist_ok=True)
+        try:
+            # Read-write, as the booted system mounts it: an ext4 superblock
+            # held read-only by the overlay would make that mount fail (EBUSY).
+            syscalls.mount(path, DATA, "ext4", syscalls.MS_NOSUID | syscalls.MS_NODEV)
+        except OSError as e:
+            record["reason"] = f"mount failed: {e.strerror}"
+            self.log(f"booting without extensions: cannot mount data partition {path}: {e.strerror}")
+            return None
+        self.timed("mount_data", start)
+        record["device"] = path
+        self.log(f"data {text} is {path}")
+        return DATA
+
+    def assemble(self, data: str | None) -> dict:
+        start = time.monotonic()
+        os.makedirs(NEWROOT, exist_ok=True)
+        os.makedirs(WORKDIR, exist_ok=True)
+        record = assembler.assemble(
+            sysroot=SYSROOT,
+            data=data,
+            target=NEWROOT,
+            cmdline=self.cmd.text,
+            kernel_release=os.uname().release,
+            page_size=os.sysconf("SC_PAGE_SIZE"),
+            workdir=WORKDIR,
+            log=self.log,
+        )
+        self.timed("assemble", start)
+        if data is not None:
+            # The overlay holds its own references to the layers it uses.
+            syscalls.umount(data, syscalls.MNT_DETACH)
+        return record
+
+    def init_path(self) -> str:
+        init = self.cmd.get("init") or DEFAULT_INIT
+        if not init.startswith("/") or "\n" in init:
+            raise HostappError(f"init={init} is not an absolute path")
+        if resolve_in(NEWROOT, init) is None:
+            raise HostappError(f"the hostapp has no {init} to hand over to")
+        return init
+
+    def move_mounts(self) -> None:
+        """Everything the new root needs from the initramfs moves into it."""
+        start = time.monotonic()
+        active = NEWROOT + ACTIVE
+        if os.path.isdir(active):
+            syscalls.mount(SYSROOT, active, None, syscalls.MS_MOVE)
+        else:
+            self.log(f"the hostapp has no {ACTIVE}: root partition not exposed")
+            syscalls.umount(SYSROOT, syscalls.MNT_DETACH)
+        for path in MOVED:
+            if os.path.isdir(NEWROOT + path):
+                syscalls.mount(path, NEWROOT + path, None, syscalls.MS_MOVE)
+            else:
+                self.log(f"the hostapp has no {path}: its init must mount it")
+        self.timed("move_mounts", start)
+
+
+def resolve_in(root: str, path: str, hops: int = 40) -> str | None:
+    """`path` inside `root` with symlinks followed as if `root` were `/`;
+    None when it does not exist (or loops)."""
+    parts = [p for p in path.split("/") if p]
+    done = ""
+    while parts:
+        part = parts.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            done = done.rpartition("/")[0]
+            continue
+        here = f"{done}/{part}"
+        full = root + here
+        if os.path.islink(full):
+            hops -= 1
+            if hops < 0:
+                return None
+            target = os.readlink(full)
+            if target.startswith("/"):
+                done = ""
+            parts = [p for p in target.split("/") if p] + parts
+            continue
+        if not os.path.lexists(full):
+            return None
+        done = here
+    return root + (done or "/")
+
+
+def run(console: Console, cmd: cmdline.Cmdline) -> int:
+    boot = Boot(cmd, console, _float(os.environ.get("MOBYNIT_INIT_START")))
+    log = boot.log
+    log(f"mobynit boot on {os.uname().release}")
+    try:
+        boot.mount_root()
+        data = boot.mount_data()
+        record = boot.assemble(data)
+        init = boot.init_path()
+        os.makedirs(os.path.dirname(RECORD), exist_ok=True)
+        boot.move_mounts()
+    except MobynitError as e:
+        log(f"cannot boot: {e}")
+        if cmd.flag("mobynit.shell"):
+            log("starting a rescue shell (mobynit.shell); leaving it reboots")
+            return EXIT_RESCUE
+        log("no rescue shell (add mobynit.shell); panicking so the bootloader can fall back")
+        return EXIT_PANIC
+    boot.info["init"] = init
+    boot.info["phases"] = boot.phases
+    boot.info["handover"] = round(uptime(), 3)
+    record["boot"] = boot.info
+    start = boot.info["init_start"] or boot.info["python_start"]
+    log(f"handing over to {init}, {boot.info['handover'] - start:.2f} s after init started")
+    try:
+        assembler.write_record(NEWROOT + RECORD, record)
+    except OSError as e:
+        log(f"boot record not written: {e.strerror}")
+    with open(HANDOVER, "w", encoding="utf-8") as f:
+        f.write(init + "\n")
+    return EXIT_HANDOVER
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def main() -> None:
+    """Entry point for /init. Never lets a traceback be the last word."""
+    cmd = cmdline.read()
+    console = Console(verbose=cmd.flag("mobynit.debug"))
+    try:
+        code = run(console, cmd)
+    except Exception as e:  # a bug: say so plainly, then let /init decide
+        import traceback
+
+        traceback.print_exc()
+        console.info(f"internal error: {type(e).__name__}: {e}")
+        code = EXIT_RESCUE if cmd.flag("mobynit.shell") else EXIT_PANIC
+    console.close()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Where the boot speaks: one short `mobynit:` line per decision, on the
+console and in the kernel log.
+
+Each line is written once to /dev/kmsg. Whether the kernel then echoes it to
+the console depends on the console log level (`quiet`, `loglevel=`), so the
+line is also written to the console directly exactly when the kernel will
+not echo it: either way it shows up once on the serial console, and always
+in `dmesg` (and the journal) of the booted system.
+
+/dev/kmsg rate-limits each writer to ten lines per five seconds unless
+`kernel.printk_devkmsg` is `on`; the boot turns that on while it speaks and
+puts the previous value back before handing over.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+PREFIX = "mobynit: "
+LEVEL_INFO = 6
+LEVEL_DEBUG = 7
+_USER = 1 << 3  # syslog facility "user": these lines come from userspace
+_DEVKMSG = "/proc/sys/kernel/printk_devkmsg"
+
+
+class Console:
+    """The boot's voice. `debug` lines appear only with `mobynit.debug`."""
+
+    def __init__(self, kmsg: str = "/dev/kmsg", stream=None, verbose: bool = False) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.verbose = verbose
+        self.lines: list[str] = []
+        self._kmsg: int | None = None
+        self._devkmsg_before: str | None = None
+        try:
+            self._kmsg = os.open(kmsg, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            pass
+        self._echo_level = _console_loglevel()
+        if self._kmsg is not None:
+            self._devkmsg_before = _swap_sysctl(_DEVKMSG, "on")
+
+    def info(self, line: str) -> None:
+        self._emit(line, LEVEL_INFO)
+
+    def debug(self, line: str) -> None:
+        if self.verbose:
+            self._emit(line, LEVEL_DEBUG)
+
+    def _emit(self, line: str, level: int) -> None:
+        text = PREFIX + line.replace("\n", " ")
+        self.lines.append(text)
+        echoed = False
+        if self._kmsg is not None:
+            try:
+                os.write(self._kmsg, f"<{_USER | level}>{text}\n".encode("utf-8", "replace"))
+                echoed = level < self._echo_level
+            except OSError:
+                pass
+        if not echoed:
+            try:
+                self.stream.write(text + "\n")
+                self.stream.flush()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        """Give the kernel its rate limit back and let go of /dev/kmsg."""
+        if self._devkmsg_before is not None:
+            _swap_sysctl(_DEVKMSG, self._devkmsg_before)
+            self._devkmsg_before = None
+        if self._kmsg is not None:
+            os.close(self._kmsg)
+            self._kmsg = None
+
+
+def _console_loglevel() -> int:
+    """The first field of kernel.printk: messages below it reach the console."""
+    try:
+        with open("/proc/sys/kernel/printk", encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0  # unknown: assume no echo, so the line is written directly
+
+
+def _swap_sysctl(path: str, value: str) -> str | None:
+    """Set a sysctl, returning what it was (None when it cannot be changed:
+    `printk.devkmsg=` on the command line locks it)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            before = f.read().strip()
+        if before != value:
+            with open(path, "w", encoding="ascii") as f:
+                f.write(value)
+        return before
+    except OSError:
+        return None

@@ -1,0 +1,110 @@
+"""Which extensions go into the root, and where: pure functions over data.
+
+Nothing here touches the disk. The store reader has already turned each
+extension container into an `Extension` (with a `fault` if it was unreadable,
+and what it ships under /lib/modules for the running kernel); this module
+decides, and sorts the decisions into the order the mount stacks them.
+"""
+
+from __future__ import annotations
+
+from mobynit.errors import shown
+from mobynit.model import NORMAL, OVERRIDE, Decision
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
+
+    from mobynit.model import Extension, KernelModules
+
+LABEL_CLASS = "io.balena.image.class"
+LABEL_LEGACY = "io.balena.features.host-extension"  # seed 000, 2020
+LABEL_KERNEL_VERSION = "io.balena.image.kernel-version"
+LABEL_KERNEL_ABI = "io.balena.image.kernel-abi-id"
+LABEL_OVERRIDE = "io.balena.image.override"
+CMDLINE_ABI = "balena_kernel_abi"
+
+
+def is_extension(labels: Mapping[str, str]) -> bool:
+    """Labelled as an overlay extension, by the current or the original label."""
+    if labels.get(LABEL_CLASS) == "overlay":
+        return True
+    return labels.get(LABEL_LEGACY, "").strip().lower() in ("1", "true")
+
+
+def kernel_verdict(
+    labels: Mapping[str, str], modules: KernelModules | None, kernel_release: str, abi_token: str | None
+) -> str | None:
+    """Why this extension does not suit the running kernel, or None if it does.
+
+    The kernel-version label must equal the release cut at its first "-".
+    The ABI check applies only to an extension that ships modules for the
+    running release: those need a Module.symvers, whose sha256 is the
+    extension's ABI id; a kernel-abi-id label must agree with it, and so must
+    `balena_kernel_abi=` on the command line when it is given. Modules for
+    other releases are never loaded, so they cannot hurt and do not count.
+    """
+    wanted = labels.get(LABEL_KERNEL_VERSION)
+    running = kernel_release.partition("-")[0]
+    if wanted is not None and wanted != running:
+        return f"built for kernel {shown(wanted, 40)}, running kernel is {running}"
+    if modules is None:
+        return None
+    if modules.symvers_sha256 is None:
+        return f"ships modules for {modules.release} without a Module.symvers"
+    computed = modules.symvers_sha256
+    label = labels.get(LABEL_KERNEL_ABI)
+    if label is not None and label != computed:
+        return f"label {LABEL_KERNEL_ABI}={shown(label, 70)} disagrees with its Module.symvers (sha256 {computed})"
+    if abi_token is not None and abi_token != computed:
+        return f"kernel ABI {computed} does not match the running kernel's {CMDLINE_ABI}={shown(abi_token, 70)}"
+    return None
+
+
+def _integer(text: str) -> int | None:
+    """A plain decimal integer, optionally signed; nothing int() would also take ("1_0", " 3", "٣")."""
+    digits = text[1:] if text[:1] in ("-", "+") else text
+    if digits and digits.isascii() and digits.isdigit() and len(digits) <= 18:
+        return int(text)
+    return None
+
+
+def placement(labels: Mapping[str, str]) -> tuple[str, int | None, str | None]:
+    """(position, priority, warning): overrides sit left of the hostapp, others right."""
+    raw = labels.get(LABEL_OVERRIDE)
+    if raw is None:
+        return NORMAL, None, None
+    priority = _integer(raw)
+    if priority is None:
+        return OVERRIDE, None, f"{LABEL_OVERRIDE}={shown(raw, 40)} is not an integer; sorted after the other overrides"
+    return OVERRIDE, priority, None
+
+
+def order_key(decision: Decision) -> tuple[int, int, int, str, str]:
+    """Mount order: overrides by ascending priority (non-integers last), then
+    normal extensions, each group by name; the id settles the rest."""
+    ext = decision.extension
+    if decision.position == OVERRIDE:
+        unranked = decision.priority is None
+        return (0, int(unranked), 0 if unranked else decision.priority, ext.name, ext.id)  # type: ignore[return-value]
+    return (1, 0, 0, ext.name, ext.id)
+
+
+def decide(ext: Extension, kernel_release: str, abi_token: str | None) -> Decision:
+    container = ext.container
+    labels = container.labels if container is not None else {}
+    position, priority, warning = placement(labels)
+    if ext.fault is not None or container is None:
+        reason = ext.fault or "unreadable"
+    elif container.state is not None:
+        reason = f"container is {container.state}"
+    else:
+        reason = kernel_verdict(labels, ext.modules, kernel_release, abi_token)
+    return Decision(
+        extension=ext, included=reason is None, position=position, priority=priority, reason=reason, warning=warning
+    )
+
+
+def select(extensions: Iterable[Extension], kernel_release: str, abi_token: str | None) -> list[Decision]:
+    """A decision for every extension found, in mount order."""
+    return sorted((decide(ext, kernel_release, abi_token) for ext in extensions), key=order_key)

@@ -1,0 +1,368 @@
+"""Reading a Docker-format overlay2 data-root, trusting nothing in it.
+
+Every name that comes from the store is checked before it becomes part of a
+path: container and layer ids must be 64 hex digits, `l/` links must be 26
+characters and point at `../<id>/diff`, and directories are looked at with
+lstat so that a symlink planted in the store never leads outside it. Files
+are opened with O_NOFOLLOW and must be regular. Whatever is wrong raises
+StoreError naming the file; the caller decides whether that sinks a boot
+(the hostapp) or one extension.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from mobynit.errors import StoreError
+from mobynit.model import Container, Extension, KernelModules, Layer
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+
+HEX = frozenset("0123456789abcdef")
+LINK_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+LINK_LEN = 26
+CONFIG_LIMIT = 4 << 20  # a config.v2.json is a few KiB; refuse to slurp a planted giant
+SMALL_LIMIT = 4096  # mount-id, lower
+SYMVERS_LIMIT = 64 << 20
+
+# Cheap byte-level test before parsing a container's JSON: the engine writes
+# label keys verbatim, so a config without these bytes is not an extension.
+EXTENSION_MARKERS = (b'"io.balena.image.class"', b'"io.balena.features.host-extension"')
+
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def is_id(name: str) -> bool:
+    return len(name) == 64 and HEX.issuperset(name)
+
+
+def _is_link(name: str) -> bool:
+    return len(name) == LINK_LEN and LINK_CHARS.issuperset(name)
+
+
+def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | None = None) -> bytes:
+    """A regular file's bytes; never follows a final symlink, never blocks on a FIFO."""
+    shown = display or path
+    try:
+        fd = os.open(path, _O_READ, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise StoreError(f"{shown}: missing") from None
+    except OSError as e:
+        raise StoreError(f"{shown}: cannot open: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{shown}: not a regular file")
+        if st.st_size > limit:
+            raise StoreError(f"{shown}: {st.st_size} bytes, more than the {limit} expected")
+        chunks = []
+        total = 0
+        while chunk := os.read(fd, limit + 1 - total):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise StoreError(f"{shown}: more than the {limit} bytes expected")
+        return b"".join(chunks)
+    except OSError as e:
+        raise StoreError(f"{shown}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _read_text(path: str, limit: int = SMALL_LIMIT) -> str:
+    try:
+        return read_file(path, limit).decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise StoreError(f"{path}: not ASCII text") from None
+
+
+def _require_dir(path: str) -> None:
+    """A real directory: not missing, not a symlink, not anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing") from None
+    except OSError as e:
+        raise StoreError(f"{path}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise StoreError(f"{path}: is a symlink, not followed")
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path}: not a directory")
+
+
+def _dir_has_entries(path: str) -> bool:
+    with os.scandir(path) as it:
+        return next(it, None) is not None
+
+
+def _parse_config(raw: bytes, path: str, cid: str) -> tuple[str, dict[str, str], str | None]:
+    """(name, labels, state) from config.v2.json, with every type checked."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise StoreError(f"{path}: not a JSON object")
+    if doc.get("ID") != cid:
+        raise StoreError(f"{path}: ID {str(doc.get('ID'))[:80]!r} does not match its directory {cid}")
+    driver = doc.get("Driver", "overlay2")
+    if driver != "overlay2":
+        raise StoreError(f"{path}: storage driver {str(driver)[:40]!r}, only overlay2 is supported")
+    name = doc.get("Name", "")
+    if not isinstance(name, str):
+        raise StoreError(f"{path}: Name is not a string")
+    config = doc.get("Config")
+    if not isinstance(config, dict):
+        raise StoreError(f"{path}: Config is not an object")
+    labels = config.get("Labels") or {}
+    if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+        raise StoreError(f"{path}: Config.Labels is not a map of strings")
+    state = doc.get("State") or {}
+    if not isinstance(state, dict):
+        raise StoreError(f"{path}: State is not an object")
+    flags = []
+    for key in ("Dead", "RemovalInProgress"):
+        value = state.get(key, False)
+        if not isinstance(value, bool):
+            raise StoreError(f"{path}: State.{key} is not a boolean")
+        if value:
+            flags.append(key)
+    return name.removeprefix("/"), labels, (flags[0] if flags else None)
+
+
+class Store:
+    """One overlay2 data-root (`/balena` on the root partition, `/docker` on data)."""
+
+    __slots__ = ("root", "containers", "mounts", "overlay2")
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/") or "/"
+        self.containers = f"{self.root}/containers"
+        self.mounts = f"{self.root}/image/overlay2/layerdb/mounts"
+        self.overlay2 = f"{self.root}/overlay2"
+
+    def container(self, cid: str) -> Container:
+        """The container `cid` with its layer stack; raises StoreError."""
+        if not is_id(cid):
+            raise StoreError(f"{self.containers}/{cid[:80]!r}: container id is not 64 hex digits")
+        _require_dir(self.containers)
+        _require_dir(f"{self.containers}/{cid}")
+        path = f"{self.containers}/{cid}/config.v2.json"
+        return self._load(cid, path, read_file(path, CONFIG_LIMIT))
+
+    def _load(self, cid: str, path: str, raw: bytes) -> Container:
+        name, labels, state = _parse_config(raw, path, cid)
+        return Container(
+            id=cid,
+            name=name,
+            labels=labels,
+            state=state,
+            layers=self.layers(cid),
+            overlay2=self.overlay2,
+            config=path,
+        )
+
+    def layers(self, cid: str) -> tuple[Layer, ...]:
+        """The read-only stack of container `cid`, top first, without its -init layer."""
+        _require_dir(self.mounts)
+        _require_dir(f"{self.mounts}/{cid}")
+        mount_id_path = f"{self.mounts}/{cid}/mount-id"
+        mount_id = _read_text(mount_id_path)
+        if not is_id(mount_id):
+            raise StoreError(f"{mount_id_path}: {mount_id[:80]!r} is not a 64-hex layer id")
+        _require_dir(self.overlay2)
+        top = f"{self.overlay2}/{mount_id}"
+        _require_dir(top)
+        _require_dir(f"{top}/diff")
+        stack: list[Layer] = []
+        if _dir_has_entries(f"{top}/diff"):
+            stack.append(Layer(id=mount_id, path=f"{top}/diff", link=f"{mount_id}/diff"))
+        lower_path = f"{top}/lower"
+        lower = _read_text(lower_path, 64 << 10)
+        if not lower:
+            raise StoreError(f"{lower_path}: empty")
+        seen = {mount_id}
+        init_id = f"{mount_id}-init"
+        for entry in lower.split(":"):
+            layer = self._resolve(entry, lower_path)
+            if layer.id in seen:
+                raise StoreError(f"{lower_path}: lists layer {layer.id} twice")
+            seen.add(layer.id)
+            if layer.id != init_id:
+                stack.append(layer)
+        if not stack:
+            raise StoreError(f"{lower_path}: no image layers below the -init layer")
+        return tuple(stack)
+
+    def _resolve(self, entry: str, lower_path: str) -> Layer:
+        """One `l/<LINK>` entry of a lower file, checked to land on `<id>/diff`."""
+        head, _, link = entry.partition("/")
+        if head != "l" or not _is_link(link):
+            raise StoreError(f"{lower_path}: entry {entry[:80]!r} is not of the form l/<26 letters or digits>")
+        link_path = f"{self.overlay2}/l/{link}"
+        try:
+            target = os.readlink(link_path)
+        except FileNotFoundError:
+            raise StoreError(f"{link_path}: missing (listed in {lower_path})") from None
+        except OSError as e:
+            raise StoreError(f"{link_path}: not a symlink ({e.strerror})") from None
+        dots, _, rest = target.partition("/")
+        lid, _, diff = rest.partition("/")
+        lid_ok = is_id(lid) or (lid.endswith("-init") and is_id(lid[:-5]))
+        if dots != ".." or diff != "diff" or not lid_ok:
+            raise StoreError(f"{link_path}: points to {target[:120]!r}, not ../<layer id>/diff")
+        _require_dir(f"{self.overlay2}/{lid}")
+        path = f"{self.overlay2}/{lid}/diff"
+        _require_dir(path)
+        return Layer(id=lid, path=path, link=f"l/{link}")
+
+    def scan(self, wanted: Callable[[Mapping[str, str]], bool], release: str) -> list[Extension]:
+        """Every container whose labels make it `wanted`, each read on its own.
+
+        A container that cannot be read but looks like an extension comes back
+        with a `fault`; one that is plainly an application is not returned.
+        """
+        try:
+            _require_dir(self.containers)
+            fd = os.open(self.containers, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except (StoreError, OSError):
+            return []  # no containers at all: an empty or fresh store
+        found: list[Extension] = []
+        try:
+            with os.scandir(fd) as entries:
+                names = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in entries)
+            for name, is_dir in names:
+                ext = self._scan_one(fd, name, is_dir, wanted, release)
+                if ext is not None:
+                    found.append(ext)
+        finally:
+            os.close(fd)
+        return found
+
+    def _scan_one(
+        self, fd: int, name: str, is_dir: bool, wanted: Callable[[Mapping[str, str]], bool], release: str
+    ) -> Extension | None:
+        shown = f"{self.containers}/{name}"
+        short = name[:12] if is_id(name) else name[:80]
+        if not is_dir:
+            return Extension(id=name, name=short, container=None, modules=None, fault=f"{shown}: not a directory, not followed")
+        path = f"{shown}/config.v2.json"
+        try:
+            raw = read_file(f"{name}/config.v2.json", CONFIG_LIMIT, dir_fd=fd, display=path)
+        except StoreError as e:
+            return Extension(id=name, name=short, container=None, modules=None, fault=str(e))
+        if not any(marker in raw for marker in EXTENSION_MARKERS):
+            return None
+        try:
+            if not is_id(name):
+                raise StoreError(f"{shown}: directory name is not a 64-hex container id")
+            cname, labels, _ = _parse_config(raw, path, name)
+            if not wanted(labels):
+                return None
+            container = self._load(name, path, raw)
+            modules = probe_modules([layer.path for layer in container.layers], release)
+        except StoreError as e:
+            return Extension(id=name, name=_best_name(raw) or short, container=None, modules=None, fault=str(e))
+        return Extension(id=name, name=cname, container=container, modules=modules, fault=None)
+
+
+def _best_name(raw: bytes) -> str | None:
+    """The container's name from a config that failed a later check, if it has one."""
+    try:
+        name = json.loads(raw).get("Name")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return name.removeprefix("/")[:80] if isinstance(name, str) and name else None
+
+
+def hostapp_id(sysroot: str) -> str:
+    """The hostapp container id: the basename of the `current` symlink."""
+    current = f"{sysroot.rstrip('/')}/current"
+    try:
+        target = os.readlink(current)
+    except FileNotFoundError:
+        raise StoreError(f"{current}: missing; no hostapp is installed") from None
+    except OSError as e:
+        raise StoreError(f"{current}: not a symlink ({e.strerror})") from None
+    cid = target.rstrip("/").rpartition("/")[2]
+    if not is_id(cid):
+        raise StoreError(f"{current}: points to {target[:120]!r}, whose basename is not a 64-hex container id")
+    return cid
+
+
+# --- kernel modules inside an extension --------------------------------------
+
+_WHITEOUT = "whiteout"
+
+
+def _layer_lookup(layer: str, parts: Sequence[str]) -> tuple[str | None, bool]:
+    """Look `parts` up in one layer as overlayfs would.
+
+    Returns (kind, stop): kind is "dir", "file", "whiteout", "other" or None
+    (absent); stop says that this layer hides the path in the layers below
+    (a whiteout, an opaque directory, or a non-directory on the way).
+    Symlinks are never followed: one on the way counts as a non-directory.
+    """
+    path = layer
+    for depth, part in enumerate(parts):
+        path = f"{path}/{part}"
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return None, False
+        last = depth == len(parts) - 1
+        mode = st.st_mode
+        if stat.S_ISCHR(mode) and st.st_rdev == 0:
+            return _WHITEOUT, True
+        if not stat.S_ISDIR(mode):
+            # A file, device or symlink hides whatever lower layers hold here.
+            return (("file" if stat.S_ISREG(mode) else "other") if last else None), True
+        if _is_opaque(path):
+            if last:
+                return "dir", True
+            # An opaque directory on the way hides the rest of the path below.
+            kind, _ = _layer_lookup(path, parts[depth + 1 :])
+            return kind, True
+        if last:
+            return "dir", False
+    return None, False
+
+
+def _is_opaque(path: str) -> bool:
+    try:
+        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+    except OSError:
+        return False
+
+
+def lookup(layers: Sequence[str], relpath: str) -> tuple[str, str] | None:
+    """(kind, path) of `relpath` in the merged view of `layers` (top first), or None."""
+    parts = [p for p in relpath.split("/") if p]
+    for layer in layers:
+        kind, stop = _layer_lookup(layer, parts)
+        if kind == _WHITEOUT:
+            return None
+        if kind is not None:
+            return kind, f"{layer}/{'/'.join(parts)}"
+        if stop:
+            return None
+    return None
+
+
+def probe_modules(layers: Sequence[str], release: str) -> KernelModules | None:
+    """What the stack carries under lib/modules/<release>, for the ABI check."""
+    if not release or "/" in release or release in (".", ".."):
+        return None
+    found = lookup(layers, f"lib/modules/{release}")
+    if found is None or found[0] != "dir":
+        return None
+    symvers = lookup(layers, f"lib/modules/{release}/Module.symvers")
+    if symvers is None or symvers[0] != "file":
+        return KernelModules(release=release, symvers_sha256=None)
+    import hashlib  # only extensions that ship modules pay for it
+
+    return KernelModules(release=release, symvers_sha256=hashlib.sha256(read_file(symvers[1], SYMVERS_LIMIT)).hexdigest())
