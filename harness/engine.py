@@ -1,0 +1,424 @@
+"""Drive a private instance of Debian's dockerd for tests and image builds.
+
+Each Engine owns a data-root (which is the store the tests read, exactly as
+balena's image build writes it) and a short private directory under /run for
+its socket, exec-root (containerd's sockets and state live there) and pidfile,
+so several engines run side by side without touching /run/containerd,
+/var/run/docker.sock or each other. AF_UNIX paths are limited to 108 bytes,
+hence the short names.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from harness import mounts
+
+DOCKERD = "/usr/sbin/dockerd"
+DOCKER = "/usr/bin/docker"  # Debian's client; /usr/local/bin/docker is another one
+
+_PR_SET_PDEATHSIG = 1
+_live: set["Engine"] = set()
+
+
+class EngineError(RuntimeError):
+    """dockerd or a docker command failed; the message carries its output."""
+
+
+def _die_with_parent() -> None:
+    # If the test process is killed outright, dockerd gets SIGTERM and shuts
+    # its containerd down instead of outliving the session.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+FileData = bytes | str
+
+
+class Engine:
+    """A running dockerd with its own data-root; use as a context manager.
+
+    `extra_args` go to dockerd verbatim, e.g. ("--add-runtime", "extension=/path").
+    Mounts the engine makes live in the mount namespace it was started from;
+    stop() goes back there to clean them up.
+    """
+
+    def __init__(
+        self,
+        data_root: str | os.PathLike[str],
+        extra_args: Iterable[str] = (),
+        *,
+        start_timeout: float = 30.0,
+        stop_timeout: float = 20.0,
+    ) -> None:
+        self.data_root = Path(data_root).absolute()
+        self.extra_args = tuple(extra_args)
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.private_dir: Path | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self._ns_fd = -1
+        self._log_file: Any = None
+
+    # --- paths -------------------------------------------------------------
+
+    def _private(self, name: str) -> Path:
+        if self.private_dir is None:
+            raise EngineError("engine is not started")
+        return self.private_dir / name
+
+    @property
+    def socket_path(self) -> Path:
+        return self._private("s")
+
+    @property
+    def exec_root(self) -> Path:
+        return self._private("x")
+
+    @property
+    def pidfile(self) -> Path:
+        return self._private("p")
+
+    @property
+    def log_path(self) -> Path:
+        return self._private("log")
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.exec_root / "containerd" / "containerd.sock"
+
+    @property
+    def host(self) -> str:
+        """The DOCKER_HOST value for clients."""
+        return f"unix://{self.socket_path}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for /usr/bin/docker against this engine (classic builder, private config)."""
+        env = dict(os.environ)
+        env.update(
+            DOCKER_HOST=self.host,
+            DOCKER_BUILDKIT="0",
+            DOCKER_CONFIG=str(self._private("cfg")),
+        )
+        env.pop("DOCKER_CONTEXT", None)
+        env.pop("DOCKER_TLS_VERIFY", None)
+        return env
+
+    # --- life cycle --------------------------------------------------------
+
+    def start(self, wait: bool = True) -> "Engine":
+        """Launch dockerd; with wait=False call wait_ready() later (to start engines in parallel)."""
+        if self.process is not None:
+            raise EngineError("engine already started")
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        base = "/run" if os.access("/run", os.W_OK) else None
+        self.private_dir = Path(tempfile.mkdtemp(prefix="mh", dir=base))
+        self._private("cfg").mkdir()
+        config = self._private("daemon.json")
+        config.write_text("{}\n")  # never pick up /etc/docker/daemon.json
+        cmd = [
+            DOCKERD,
+            "--config-file", str(config),
+            "--data-root", str(self.data_root),
+            "-s", "overlay2",
+            "-H", self.host,
+            "--pidfile", str(self.pidfile),
+            "--exec-root", str(self.exec_root),
+            "--iptables=false",
+            "--bridge=none",
+            *self.extra_args,
+        ]
+        self._ns_fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        self._log_file = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )
+        _live.add(self)
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        """Poll /_ping until dockerd answers; on failure stop it and raise with its log tail."""
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self) -> None:
+        if self.process is None:
+            raise EngineError("engine is not started")
+        deadline = time.monotonic() + self.start_timeout
+        last_error = "no answer"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise EngineError(
+                    f"dockerd exited with status {self.process.returncode} while starting "
+                    f"(data-root {self.data_root}); last log lines:\n{self.log_tail()}"
+                )
+            try:
+                status, body = self._request("GET", "/_ping", None, timeout=2.0)
+                if status == 200 and body.strip() == b"OK":
+                    return
+                last_error = f"/_ping answered {status} {body[:80]!r}"
+            except OSError as e:
+                last_error = str(e)
+            time.sleep(0.05)
+        raise EngineError(
+            f"dockerd did not answer /_ping within {self.start_timeout:.0f} s ({last_error}); "
+            f"last log lines:\n{self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except (OSError, EngineError):
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def _own_processes(self) -> list[int]:
+        """Pids whose command line names our private dir: containerd, shims."""
+        if self.private_dir is None:
+            return []
+        needle = str(self.private_dir).encode()
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+        return pids
+
+    def stop(self) -> None:
+        """SIGTERM dockerd, SIGKILL after stop_timeout, reap containerd, unmount leftovers."""
+        proc, self.process = self.process, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            self._reap_children()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        if self._ns_fd >= 0:
+            self._unmount_leftovers()
+            os.close(self._ns_fd)
+            self._ns_fd = -1
+        if self.private_dir is not None:
+            shutil.rmtree(self.private_dir, ignore_errors=True)
+            self.private_dir = None
+        _live.discard(self)
+
+    def _reap_children(self) -> None:
+        deadline = time.monotonic() + 10
+        pids = self._own_processes()
+        for pid in pids:
+            _signal(pid, signal.SIGTERM)
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.05)
+            pids = [p for p in pids if _alive(p)]
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+
+    def _unmount_leftovers(self) -> None:
+        prefixes = [str(self.data_root)]
+        if self.private_dir is not None:
+            prefixes.append(str(self.private_dir))
+        if _same_ns(self._ns_fd):
+            mounts.unmount_under(*prefixes)
+        else:
+            with mounts.NamespaceVisit(self._ns_fd):
+                mounts.unmount_under(*prefixes)
+
+    def __enter__(self) -> "Engine":
+        return self.start() if self.process is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- clients -----------------------------------------------------------
+
+    def docker(self, *args: str, input: FileData | None = None, check: bool = True, timeout: float = 300) -> str:
+        """Run /usr/bin/docker against this engine and return its stdout."""
+        data = input.encode() if isinstance(input, str) else input
+        try:
+            res = subprocess.run(
+                [DOCKER, *args], input=data, capture_output=True, env=self.env, timeout=timeout
+            )
+        except subprocess.TimeoutExpired as e:
+            raise EngineError(f"docker {' '.join(args)}: no answer within {timeout:.0f} s") from e
+        if check and res.returncode != 0:
+            raise EngineError(
+                f"docker {' '.join(args)} failed with status {res.returncode}: "
+                f"{res.stderr.decode(errors='replace').strip()}"
+            )
+        return res.stdout.decode(errors="replace")
+
+    def _request(self, method: str, path: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
+        conn = _UnixHTTPConnection(str(self.socket_path), timeout)
+        try:
+            headers = {"Content-Type": "application/json"} if body is not None else {}
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
+
+    def api(self, method: str, path: str, body: Any = None, *, timeout: float = 60.0) -> Any:
+        """One Engine API call with a JSON body; returns the decoded JSON answer (or None).
+
+        `path` is e.g. "/containers/json?all=1" (unversioned: the engine's own API version).
+        """
+        payload = None if body is None else json.dumps(body).encode()
+        try:
+            status, data = self._request(method, path, payload, timeout)
+        except OSError as e:
+            raise EngineError(f"{method} {path}: {e}") from e
+        if status >= 400:
+            raise EngineError(f"{method} {path} answered {status}: {data.decode(errors='replace').strip()}")
+        if not data.strip():
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:
+            return data.decode(errors="replace")
+
+    # --- images and containers ----------------------------------------------
+
+    def import_tree(self, tree_dir: str | os.PathLike[str], tag: str, labels: Mapping[str, str] | None = None) -> str:
+        """`tar -C tree -c . | docker import - tag`: a one-layer image; returns its id."""
+        changes: list[str] = []
+        for key, value in (labels or {}).items():
+            changes += ["--change", f"LABEL {json.dumps(key)}={json.dumps(value)}"]
+        tar = subprocess.Popen(
+            ["tar", "-C", str(tree_dir), "--numeric-owner", "--xattrs", "-c", "."],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert tar.stdout is not None
+        try:
+            res = subprocess.run(
+                [DOCKER, "import", *changes, "-", tag],
+                stdin=tar.stdout,
+                capture_output=True,
+                env=self.env,
+                timeout=300,
+            )
+        finally:
+            tar.stdout.close()
+            tar_err = tar.stderr.read() if tar.stderr else b""
+            tar.wait()
+        if tar.returncode != 0:
+            raise EngineError(f"tar of {tree_dir} failed: {tar_err.decode(errors='replace').strip()}")
+        if res.returncode != 0:
+            raise EngineError(f"docker import {tag} failed: {res.stderr.decode(errors='replace').strip()}")
+        return res.stdout.decode().strip()
+
+    def build(self, tag: str, dockerfile: str, files: Mapping[str, Any] | None = None) -> str:
+        """`docker build` (classic builder) from a context made of `files`; returns the image id.
+
+        The context lives in a temporary directory outside the data-root:
+        the engine refuses a context that contains its own store. `files`
+        values are whatever harness.rootfs.write_files accepts.
+        """
+        from harness.rootfs import write_files
+
+        with tempfile.TemporaryDirectory(prefix="mh-ctx-") as ctx:
+            write_files(ctx, dict(files or {}))
+            (Path(ctx) / "Dockerfile").write_text(dockerfile)
+            out = self.docker("build", "-q", "--network", "none", "-t", tag, ctx)
+        return out.strip().splitlines()[-1]
+
+    def load(self, archive: bytes) -> str:
+        """`docker load` of an image archive; returns the engine's output."""
+        return self.docker("load", input=archive).strip()
+
+    def create(self, image: str, name: str, cmd: Iterable[str] = ("/bin/true",), *args: str) -> str:
+        """`docker create --name NAME [args] IMAGE CMD`; returns the container id (never started)."""
+        return self.docker("create", "--name", name, *args, image, *cmd).strip()
+
+    def create_many(self, image: str, names: Iterable[str], cmd: Iterable[str] = ("/bin/true",)) -> list[str]:
+        """Create containers through the API: one request each, no client process."""
+        ids = []
+        for name in names:
+            res = self.api("POST", f"/containers/create?name={name}", {"Image": image, "Cmd": list(cmd)})
+            ids.append(res["Id"])
+        return ids
+
+    def inspect(self, ref: str) -> dict[str, Any]:
+        return json.loads(self.docker("inspect", ref))[0]
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _same_ns(fd: int) -> bool:
+    a = os.fstat(fd)
+    b = os.stat("/proc/self/ns/mnt")
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+@atexit.register
+def _stop_all() -> None:
+    """Backstop: no engine outlives the Python process that started it."""
+    for engine in list(_live):
+        try:
+            engine.stop()
+        except Exception:
+            pass
