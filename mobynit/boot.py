@@ -33,6 +33,8 @@ import os
 import sys
 import time
 
+_IMPORTED = time.clock_gettime(time.CLOCK_BOOTTIME)  # before the package's own imports
+
 from mobynit import assemble as assembler
 from mobynit import blockdev, cmdline, syscalls
 from mobynit.console import Console
@@ -71,7 +73,9 @@ class Boot:
         self.phases: dict[str, float] = {}
         self.info: dict[str, object] = {
             "init_start": init_start,
-            "python_start": round(uptime(), 3),
+            "modules_loaded": _float(os.environ.get("MOBYNIT_MODULES_LOADED")),
+            "python_start": round(_IMPORTED, 3),
+            "python_ready": round(uptime(), 3),
             "cmdline": cmd.text.strip(),
         }
 
@@ -236,7 +240,9 @@ def resolve_in(root: str, path: str, hops: int = 40) -> str | None:
 def run(console: Console, cmd: cmdline.Cmdline) -> int:
     boot = Boot(cmd, console, _float(os.environ.get("MOBYNIT_INIT_START")))
     log = boot.log
-    log(f"mobynit boot on {os.uname().release}")
+    from mobynit import __version__
+
+    log(f"mobynit {__version__} on {os.uname().release}")
     try:
         boot.mount_root()
         data = boot.mount_data()
@@ -273,19 +279,101 @@ def _float(text: str | None) -> float | None:
         return None
 
 
+def format_status(record: dict) -> str:
+    """The boot record for people: what was booted, what was left out and why."""
+    from mobynit.errors import shown
+
+    out = []
+    boot = record.get("boot") or {}
+    hostapp = record.get("hostapp") or {}
+    out.append(f"hostapp: {shown(hostapp.get('name'))} {hostapp.get('id')}")
+    root = boot.get("root") or {}
+    if root:
+        out.append(f"root partition: {root.get('spec')} ({root.get('device')}), at {ACTIVE}")
+    data = boot.get("data") or {}
+    if data:
+        where = data.get("device") or f"not mounted: {data.get('reason')}"
+        out.append(f"data partition: {data.get('spec')} ({where})")
+    if record.get("disabled_reason"):
+        out.append(f"extensions: {record['disabled_reason']}")
+    for ext in record.get("extensions") or []:
+        name = shown(ext.get("name"))
+        if ext.get("included"):
+            where = ext.get("position")
+            if where == "override":
+                where = f"override {ext.get('priority')}"
+            out.append(f"  + {name} ({where})")
+        else:
+            out.append(f"  - {name}: {ext.get('reason')}")
+    for fallback in record.get("fallbacks") or []:
+        out.append(f"fallback: {fallback}")
+    if boot:
+        start = boot.get("init_start") or boot.get("python_start")
+        out.append(f"init: {boot.get('init')}, handed over at {boot.get('handover')} s "
+                   f"({boot.get('handover', 0) - (start or 0):.2f} s in the initramfs)")
+        phases = boot.get("phases") or {}
+        if phases:
+            out.append("phases: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in phases.items()))
+    return "\n".join(out) + "\n"
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from mobynit.errors import UsageError
+
+    try:
+        with open(args.record, encoding="utf-8") as f:
+            record = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"no boot record at {args.record}: this system was not booted by mobynit") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the boot record {args.record}: {e}") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{args.record} is not a mobynit boot record (not a JSON object)")
+    if args.json:
+        json.dump(record, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_status(record))
+    return 0
+
+
+def cmd_boot(args) -> int:
+    main()
+    return 0  # not reached: main() exits
+
+
+def register(sub) -> None:
+    """Add `boot` and `status` to the `mobynit` command (see mobynit.cli)."""
+    p = sub.add_parser("boot", help="assemble the root and prepare the handover (run by the initramfs /init as PID 1)")
+    p.set_defaults(func=cmd_boot)
+    p = sub.add_parser("status", help="print the record of how this system was booted")
+    p.add_argument("--record", default=RECORD, metavar="FILE", help=f"the boot record (default: {RECORD})")
+    p.add_argument("--json", action="store_true", help="print the record as JSON")
+    p.set_defaults(func=cmd_status)
+
+
 def main() -> None:
     """Entry point for /init. Never lets a traceback be the last word."""
-    cmd = cmdline.read()
-    console = Console(verbose=cmd.flag("mobynit.debug"))
+    cmd = cmdline.parse("")
+    console = None
     try:
+        cmd = cmdline.read()
+        console = Console(verbose=cmd.flag("mobynit.debug"))
         code = run(console, cmd)
     except Exception as e:  # a bug: say so plainly, then let /init decide
         import traceback
 
         traceback.print_exc()
-        console.info(f"internal error: {type(e).__name__}: {e}")
+        line = f"internal error: {type(e).__name__}: {e}"
+        if console is not None:
+            console.info(line)
+        else:
+            print(f"mobynit: {line}", file=sys.stderr, flush=True)
         code = EXIT_RESCUE if cmd.flag("mobynit.shell") else EXIT_PANIC
-    console.close()
+    if console is not None:
+        console.close()
     sys.exit(code)
 
 

@@ -1,0 +1,90 @@
+"""The devices the boot tests and the demo boot: a busybox hostapp whose
+/sbin/init reports what it sees, extensions, and their disks.
+
+The probe init prints `MARK <name> <value>` lines on the serial console
+(parsed by qemu.runner.Console) and powers off:
+
+  init-start    /proc/uptime when it started        pid        its pid (1)
+  root          fstype and options of /              write-root what a write to / gives
+  active        what /mnt/sysroot/active holds       dockerenv  yes/no
+  file          "<path> <first line>" for each file under /etc and /usr/share
+  bootjson      /run/mobynit/boot.json on one line   kmsg       mobynit lines in dmesg
+  mount         one per /proc/mounts line            cmdline    /proc/cmdline
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.device import OVERLAY_CLASS, Device, ExtensionSpec, HostappSpec, Layer, build_device
+from harness.rootfs import File
+
+from qemu.disk import Disk, device_disk
+
+PROBE_INIT = r"""#!/bin/busybox sh
+# The test hostapp's init: report what the booted system sees, then power off.
+bb=/bin/busybox
+mark() { echo "MARK $*"; }
+mark init-start "$($bb cut -d' ' -f1 /proc/uptime)"
+mark pid $$
+mark cmdline "$($bb cat /proc/cmdline)"
+root=""
+while read -r dev mnt fs opts rest; do
+    [ "$mnt" = / ] && root="$fs $opts"
+    mark mount "$dev $mnt $fs $opts"
+done < /proc/mounts
+mark root "$root"
+if err=$($bb touch /written-by-init 2>&1); then mark write-root ok; else mark write-root "$err"; fi
+if [ -e /.dockerenv ]; then mark dockerenv yes; else mark dockerenv no; fi
+mark active "$($bb ls /mnt/sysroot/active | $bb tr '\n' ' ')"
+for f in $($bb find /etc /usr/share -type f | $bb sort); do
+    mark file "$f $($bb head -n 1 "$f")"
+done
+if [ -f /run/mobynit/boot.json ]; then
+    mark bootjson "$($bb tr -d '\n' < /run/mobynit/boot.json)"
+else
+    mark bootjson none
+fi
+mark kmsg "$($bb dmesg | $bb grep -c 'mobynit: ')"
+mark done
+$bb poweroff -f
+"""
+
+
+def probe_hostapp(name: str = "hostapp", files: dict | None = None) -> HostappSpec:
+    """A busybox hostapp whose init is the probe above, in two layers (the
+    second one adds the files a test wants, so the hostapp is a real chain)."""
+    first = {
+        "sbin/init": File(PROBE_INIT, 0o755),
+        "etc/os-release": 'ID=balena-os\nNAME="balenaOS"\nVERSION_ID=7.0.0\n',
+    }
+    second = {
+        "etc/hostapp-file": "hostapp\n",
+        "usr/share/hostapp/only-in-hostapp": "only in hostapp\n",
+        **(files or {}),
+    }
+    return HostappSpec(name=name, layers=(Layer(files=first), Layer(files=second)))
+
+
+def extension(name: str, files: dict, override: int | str | None = None, labels: dict | None = None) -> ExtensionSpec:
+    merged = {**OVERLAY_CLASS, **(labels or {})}
+    if override is not None:
+        merged["io.balena.image.override"] = str(override)
+    return ExtensionSpec(name=name, layers=(Layer(files=files),), labels=merged)
+
+
+def three_extensions() -> tuple[ExtensionSpec, ...]:
+    """Two normal extensions and one override, as in the demo."""
+    return (
+        extension("tools", {"usr/share/tools/hello": "hello from tools\n", "etc/hostapp-file": "tools (must not win)\n"}),
+        extension("firmware", {"usr/share/firmware/blob": "firmware v2\n"}),
+        extension("hotfix", {"etc/hostapp-file": "patched by hotfix\n", "usr/share/hotfix/note": "override 10\n"}, override=10),
+    )
+
+
+def build(workdir: Path, hostapp: HostappSpec, extensions=(), purge_marker: bool = True,
+          data: bool = True) -> tuple[Device, Disk]:
+    """A device (real engines) and its disk image at workdir/disk.img."""
+    device = build_device(workdir, hostapp, extensions, purge_marker=purge_marker)
+    disk = device_disk(workdir / "disk.img", device.sysroot, device.data if data else None)
+    return device, disk
