@@ -31,7 +31,9 @@ SYMVERS_LIMIT = 64 << 20
 
 # Cheap byte-level test before parsing a container's JSON: the engine writes
 # label keys verbatim, so a config without these bytes is not an extension.
-EXTENSION_MARKERS = (b'"io.balena.image.class"', b'"io.balena.features.host-extension"')
+# A config mangled past recognition (no label key left in it) cannot be told
+# from an application's and is passed over like one.
+EXTENSION_MARKERS = (b"io.balena.image.class", b"io.balena.features.host-extension")
 
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
