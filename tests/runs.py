@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ def layout_args(dev, data: bool = True) -> list[str]:
 
 
 def plan(dev, cmdline: str = "", *, release: str | None = None, data: bool = True, extra: tuple[str, ...] = ()) -> dict:
-    release = release or dev.kernel_release
+    release = release or _release(dev)
     proc = mobynit("plan", *layout_args(dev, data), "--cmdline", cmdline, "--kernel-release", release, "--json", *extra)
     return json.loads(proc.stdout)
 
@@ -49,7 +50,7 @@ def assembled(dev, tmp_path: Path, cmdline: str = "", *, release: str | None = N
     record = tmp_path / "boot.json"
     proc = mobynit(
         "assemble", *layout_args(dev, data), "--target", str(target), "--workdir", str(work),
-        "--record", str(record), "--cmdline", cmdline, "--kernel-release", release or dev.kernel_release, *extra,
+        "--record", str(record), "--cmdline", cmdline, "--kernel-release", release or _release(dev), *extra,
     )
     try:
         assert not mounts.mounts_under(str(work)), "intermediate mounts were left in the work directory"
@@ -61,3 +62,8 @@ def assembled(dev, tmp_path: Path, cmdline: str = "", *, release: str | None = N
 def read(root: Path, rel: str) -> str | None:
     path = root / rel
     return path.read_text() if path.exists() else None
+
+
+def _release(dev) -> str:
+    """The standard device's modules were built for its own release; others take the host's."""
+    return getattr(dev, "kernel_release", None) or os.uname().release
