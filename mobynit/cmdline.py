@@ -43,11 +43,12 @@ def split(text: str) -> list[tuple[str, str | None]]:
                 in_quote = not in_quote
             i += 1
         end = i
-        if not quoted and text[start:end] == "--":
-            break
         closing = end > start and text[end - 1] == '"'
         if equals < 0:
-            params.append((text[start : end - 1] if quoted and closing else text[start:end], None))
+            name = text[start : end - 1] if quoted and closing else text[start:end]
+            if name == "--":  # parse_args() compares after the quotes are gone
+                break
+            params.append((name, None))
             continue
         vstart = equals + 1
         if vstart < end and text[vstart] == '"':
