@@ -208,7 +208,9 @@ def spec_volumes(spec: dict, config: str) -> dict[str, str]:
     (`/var/lib/docker/volumes/<name>/_data` for a volume); the engine adds
     resolv.conf, hostname, hosts and /dev/shm to every container.
     """
-    mounts = spec.get("mounts") or []
+    mounts = spec.get("mounts")
+    if mounts is None:
+        return {}
     if not isinstance(mounts, list):
         raise RuntimeFailure(f"{config}: mounts is not a list")
     volumes: dict[str, str] = {}
