@@ -188,17 +188,32 @@ def build_rooted_image(engine: Engine, tag: str, spec: HostappSpec, scratch: Pat
     return image
 
 
-def build_scratch_image(engine: Engine, tag: str, layers: tuple[Layer, ...], labels: Mapping[str, str]) -> str:
-    """FROM scratch: COPY steps when nothing is deleted, else a loaded layer archive."""
+def scratch_dockerfile(layers: tuple[Layer, ...], labels: Mapping[str, str]) -> tuple[str, dict[str, FileSpec]]:
+    """FROM scratch, LABEL, one COPY per layer: the Dockerfile and its context files."""
     if any(layer.removes for layer in layers):
-        return load_image(engine, tag, layers, labels)
+        raise ValueError("a FROM scratch build has no shell to delete with; use load_image")
     lines = ["FROM scratch\n", _dockerfile_label(labels)]
     files: dict[str, FileSpec] = {}
     for n, layer in enumerate(layers):
         files.update({f"l{n}/{_rel(p)}": v for p, v in layer.files.items()})
         files.setdefault(f"l{n}", Dir())
         lines.append(f"COPY l{n}/ /\n")
-    return engine.build(tag, "".join(lines), files)
+    return "".join(lines), files
+
+
+def build_scratch_images(engine: Engine, specs: Iterable[ExtensionSpec]) -> dict[str, str]:
+    """Image id per extension name: parallel `docker build`s, or `docker load` when it deletes."""
+    images: dict[str, str] = {}
+    builds = []
+    for spec in specs:
+        tag = f"{spec.name}:latest"
+        if any(layer.removes for layer in spec.layers):
+            images[spec.name] = load_image(engine, tag, spec.layers, spec.labels)
+        else:
+            builds.append((spec.name, (tag, *scratch_dockerfile(spec.layers, spec.labels))))
+    ids = engine.build_many([b for _, b in builds])
+    images.update({name: image for (name, _), image in zip(builds, ids)})
+    return images
 
 
 def _rel(path: str) -> str:
@@ -343,15 +358,16 @@ def build_device(
             image = build_rooted_image(host_engine, f"{hostapp.name}:latest", hostapp, scratch)
             hostapp_id = host_engine.create(image, hostapp.name)
 
-            ext_ids: dict[str, str] = {}
-            for ext in extensions:
-                ext_image = build_scratch_image(data_engine, f"{ext.name}:latest", ext.layers, ext.labels)
-                ext_ids[ext.name] = data_engine.create(ext_image, ext.name)
+            images = build_scratch_images(data_engine, extensions)
+            # Through the API, as balena's supervisor creates containers.
+            ext_ids = {e.name: data_engine.create_many(images[e.name], [e.name])[0] for e in extensions}
             app_ids: list[str] = []
             if apps:
                 app_image = data_engine.import_tree(busybox_tree(scratch / "app-tree"), "app:latest")
                 app_ids = data_engine.create_many(app_image, [f"app-{n:04d}" for n in range(1, apps + 1)])
         finally:
+            host_engine.request_stop()
+            data_engine.request_stop()
             host_engine.stop()
             data_engine.stop()
 

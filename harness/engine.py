@@ -87,6 +87,7 @@ class Engine:
         self.process: subprocess.Popen[bytes] | None = None
         self._ns_fd = -1
         self._log_file: Any = None
+        self._terminated = False
 
     # --- paths -------------------------------------------------------------
 
@@ -228,12 +229,19 @@ class Engine:
                 continue
         return pids
 
+    def request_stop(self) -> None:
+        """Send dockerd its SIGTERM now; stop() then only waits (to stop engines in parallel)."""
+        if self.process is not None and self.process.poll() is None and not self._terminated:
+            self.process.send_signal(signal.SIGTERM)
+            self._terminated = True
+
     def stop(self) -> None:
         """SIGTERM dockerd, SIGKILL after stop_timeout, reap containerd, unmount leftovers."""
+        self.request_stop()
         proc, self.process = self.process, None
+        self._terminated = False
         if proc is not None:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
                 try:
                     proc.wait(self.stop_timeout)
                 except subprocess.TimeoutExpired:
@@ -364,21 +372,71 @@ class Engine:
         the engine refuses a context that contains its own store. `files`
         values are whatever harness.rootfs.write_files accepts.
         """
+        return self.build_many([(tag, dockerfile, files)])[0]
+
+    def build_many(
+        self, builds: Iterable[tuple[str, str, Mapping[str, Any] | None]], parallel: int = 4
+    ) -> list[str]:
+        """Several `docker build`s, up to `parallel` client processes at once; image ids in order.
+
+        (tag, dockerfile, files) as for build(). Processes, not threads: the test
+        process must stay single-threaded for unshare(CLONE_NEWNS).
+        """
         from harness.rootfs import write_files
 
-        with tempfile.TemporaryDirectory(prefix="mh-ctx-") as ctx:
-            write_files(ctx, dict(files or {}))
-            (Path(ctx) / "Dockerfile").write_text(dockerfile)
-            out = self.docker("build", "-q", "--network", "none", "-t", tag, ctx)
-        return out.strip().splitlines()[-1]
+        todo = list(enumerate(builds))
+        results: dict[int, str] = {}
+        running: list[tuple[int, str, subprocess.Popen[bytes], Any, Any]] = []
+        with tempfile.TemporaryDirectory(prefix="mh-ctx-") as top:
+            try:
+                while todo or running:
+                    while todo and len(running) < max(1, parallel):
+                        n, (tag, dockerfile, files) = todo.pop(0)
+                        ctx = Path(top) / str(n)
+                        ctx.mkdir()
+                        write_files(ctx, dict(files or {}))
+                        (ctx / "Dockerfile").write_text(dockerfile)
+                        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+                        proc = subprocess.Popen(
+                            [DOCKER, "build", "-q", "--network", "none", "-t", tag, str(ctx)],
+                            stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=self.env,
+                        )
+                        running.append((n, tag, proc, out, err))
+                    n, tag, proc, out, err = running[0]
+                    try:
+                        proc.wait(timeout=0.02 if len(running) > 1 else 300)
+                    except subprocess.TimeoutExpired:
+                        running.append(running.pop(0))  # look at the next one
+                        continue
+                    running.pop(0)
+                    out.seek(0)
+                    err.seek(0)
+                    stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+                    out.close()
+                    err.close()
+                    if proc.returncode != 0:
+                        raise EngineError(f"docker build {tag} failed with status {proc.returncode}: {stderr.strip()}")
+                    results[n] = stdout.strip().splitlines()[-1]
+            finally:
+                for _, _, proc, out, err in running:
+                    proc.kill()
+                    proc.wait()
+                    out.close()
+                    err.close()
+        return [results[n] for n in sorted(results)]
 
     def load(self, archive: bytes) -> str:
         """`docker load` of an image archive; returns the engine's output."""
         return self.docker("load", input=archive).strip()
 
-    def create(self, image: str, name: str, cmd: Iterable[str] = ("/bin/true",), *args: str) -> str:
-        """`docker create --name NAME [args] IMAGE CMD`; returns the container id (never started)."""
-        return self.docker("create", "--name", name, *args, image, *cmd).strip()
+    def create(
+        self, image: str, name: str, cmd: Iterable[str] = ("/bin/true",), *, options: Iterable[str] = ()
+    ) -> str:
+        """`docker create --name NAME [options] IMAGE CMD`; returns the container id.
+
+        e.g. options=("--runtime", "extension") for an engine started with --add-runtime.
+        """
+        return self.docker("create", "--name", name, *options, image, *cmd).strip()
 
     def create_many(self, image: str, names: Iterable[str], cmd: Iterable[str] = ("/bin/true",)) -> list[str]:
         """Create containers through the API: one request each, no client process."""

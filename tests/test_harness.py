@@ -64,6 +64,7 @@ def is_opaque(path: Path) -> bool:
 
 def test_hostapp_layout(device: devices.StandardDevice) -> None:
     store = device.hostapp_store
+    assert mounts.mounts_under(str(device.sysroot), str(device.data)) == [], "engines left mounts"
     current = device.sysroot / "current"
     assert os.readlink(current) == f"hostapps/{device.hostapp_id}"
     assert current.is_dir()
@@ -306,12 +307,28 @@ def test_engine_errors_are_readable(tmp_path: Path) -> None:
 
 def test_engine_stop_unmounts_leftovers(tmp_path: Path) -> None:
     engine = Engine(tmp_path / "root").start()
+    # Under the exec-root: dockerd itself detaches its data-root bind mount (and
+    # what is below) on shutdown, but nothing under the exec-root.
+    target = engine.exec_root / "leftover"
+    target.mkdir()
+    syscalls.mount("tmpfs", str(target), "tmpfs")
+    private = engine.private_dir
+    engine.stop()
+    assert mounts.mounts_under(str(tmp_path), str(private)) == []
+    assert engine.process is None and engine.private_dir is None
+
+
+def test_engine_stop_cleans_up_in_the_namespace_it_started_in(tmp_path: Path) -> None:
+    # stop_timeout=0: dockerd is SIGKILLed and cannot undo its own data-root bind
+    # mount, so stop() must go back to the namespace dockerd ran in to detach it.
+    engine = Engine(tmp_path / "root", stop_timeout=0).start()
+    assert [m.mount_point for m in mounts.mounts_under(str(tmp_path))] == [str(engine.data_root)]
     target = engine.data_root / "leftover"
     target.mkdir()
     syscalls.mount("tmpfs", str(target), "tmpfs")
-    engine.stop()
-    assert mounts.mounts_under(str(tmp_path)) == []
-    assert engine.process is None and engine.private_dir is None
+    with mounts.PrivateNamespace():  # stop() is called from another namespace
+        engine.stop()
+    assert mounts.mounts_under(str(tmp_path)) == [], "stop() went back to the engine's namespace"
 
 
 # --- the namespace fixture -------------------------------------------------------------------
