@@ -8,6 +8,7 @@ different names never collide, which keeps the planner's tests deterministic.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 
@@ -35,8 +36,12 @@ def layer(seed: str, overlay2: str = DATA_OVERLAY2, *, own: bool = False) -> Lay
     return Layer(id=lid, path=f"{overlay2}/{lid}/diff", link=f"{lid}/diff" if own else f"l/{link_name(seed)}")
 
 
+@functools.lru_cache(maxsize=4096)
 def layers(seed: str, count: int, overlay2: str = DATA_OVERLAY2, *, own_diff: bool = False) -> tuple[Layer, ...]:
-    """`count` layers, top first; the top one is the container's own diff when `own_diff`."""
+    """`count` layers, top first; the top one is the container's own diff when `own_diff`.
+
+    Cached: the records are immutable, and the planner's properties make thousands.
+    """
     stack = [layer(f"{seed}/{i}", overlay2) for i in range(count)]
     if own_diff and stack:
         stack[0] = layer(f"{seed}/own", overlay2, own=True)
@@ -52,7 +57,9 @@ def container(
     overlay2: str = DATA_OVERLAY2,
     own_diff: bool = False,
     cid: str | None = None,
+    layer_seed: str | None = None,
 ) -> Container:
+    """A container; `layer_seed` (default: its id) names its layers, so equal seeds share them."""
     cid = cid or hex_id(f"container:{name}")
     root = overlay2.rpartition("/")[0]
     return Container(
@@ -60,7 +67,7 @@ def container(
         name=name,
         labels=dict(labels or {}),
         state=state,
-        layers=layers(cid, nlayers, overlay2, own_diff=own_diff),
+        layers=layers(layer_seed or cid, nlayers, overlay2, own_diff=own_diff),
         overlay2=overlay2,
         config=f"{root}/containers/{cid}/config.v2.json",
     )
@@ -90,6 +97,8 @@ def extension(
     fault: str | None = None,
     overlay2: str = DATA_OVERLAY2,
     cid: str | None = None,
+    own_diff: bool = False,
+    layer_seed: str | None = None,
 ) -> Extension:
     """An extension container as the store reader returns it; with `fault`, an unreadable one."""
     cid = cid or hex_id(f"container:{name}")
@@ -97,7 +106,9 @@ def extension(
         return Extension(id=cid, name=name, container=None, modules=None, fault=fault)
     all_labels = ext_labels(override)
     all_labels.update(labels or {})
-    c = container(name, nlayers=nlayers, labels=all_labels, state=state, overlay2=overlay2, cid=cid)
+    c = container(
+        name, nlayers=nlayers, labels=all_labels, state=state, overlay2=overlay2, cid=cid, own_diff=own_diff, layer_seed=layer_seed
+    )
     return Extension(id=cid, name=name, container=c, modules=modules, fault=None)
 
 

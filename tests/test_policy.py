@@ -1,0 +1,285 @@
+"""Selection policy: which extensions go in, why not, and in which order."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from builders import extension, modules
+from mobynit import policy
+from mobynit.model import NORMAL, OVERRIDE, KernelModules
+
+PROPS = settings(max_examples=200, deadline=None)
+RELEASE = "6.1.0-13-cloud-amd64"
+SYMVERS = b"0x12345678\tprintk\tvmlinux\tEXPORT_SYMBOL\n"
+ABI = hashlib.sha256(SYMVERS).hexdigest()
+
+
+# -- is_extension ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("labels", "expected"),
+    [
+        ({policy.LABEL_CLASS: "overlay"}, True),
+        ({policy.LABEL_CLASS: "overlay", "other": "x"}, True),
+        ({policy.LABEL_LEGACY: "1"}, True),
+        ({policy.LABEL_LEGACY: "true"}, True),
+        ({policy.LABEL_LEGACY: "True"}, True),
+        ({policy.LABEL_LEGACY: "0"}, False),
+        ({policy.LABEL_LEGACY: "false"}, False),
+        ({policy.LABEL_LEGACY: ""}, False),
+        ({policy.LABEL_LEGACY: "yes-please"}, False),
+        ({}, False),
+        ({"io.balena.image.class": "service"}, False),
+        ({"io.balena.image.class": "Overlay"}, False),
+        ({"io.balena.image.class": "overlay2"}, False),
+        ({"io.balena.image.class": ""}, False),
+        ({"io.balena.image.class": "service", policy.LABEL_LEGACY: "1"}, True),
+        ({"com.example.io.balena.image.class": "overlay"}, False),
+    ],
+)
+def test_is_extension(labels: dict[str, str], expected: bool) -> None:
+    assert policy.is_extension(labels) is expected
+
+
+# -- kernel_verdict: reference §1 step 3 -----------------------------------------------
+
+
+def test_kernel_version_label_absent_passes() -> None:
+    assert policy.kernel_verdict({}, None, RELEASE, None) is None
+
+
+@pytest.mark.parametrize("release", ["6.1.0-13-cloud-amd64", "6.1.0", "6.1.0-rt5-x"])
+def test_kernel_version_matches_release_cut_at_first_dash(release: str) -> None:
+    assert policy.kernel_verdict({policy.LABEL_KERNEL_VERSION: "6.1.0"}, None, release, None) is None
+
+
+@pytest.mark.parametrize("wanted", ["6.1.1", "6.1", "6.1.0-13", "6.1.0-13-cloud-amd64", "", " 6.1.0", "6.1.0 "])
+def test_kernel_version_mismatch_is_dropped(wanted: str) -> None:
+    reason = policy.kernel_verdict({policy.LABEL_KERNEL_VERSION: wanted}, None, RELEASE, None)
+    assert reason is not None
+    assert "6.1.0" in reason
+
+
+def test_kernel_version_reason_is_safe_to_print() -> None:
+    reason = policy.kernel_verdict({policy.LABEL_KERNEL_VERSION: "6.1\n\x1b[2Jevil" + "9" * 500}, None, RELEASE, None)
+    assert reason is not None
+    assert reason.isprintable()
+    assert len(reason) < 200
+
+
+def test_no_modules_passes_even_with_abi_label_and_token() -> None:
+    labels = {policy.LABEL_KERNEL_ABI: "f" * 64}
+    assert policy.kernel_verdict(labels, None, RELEASE, "0" * 64) is None
+
+
+def test_modules_without_symvers_are_dropped() -> None:
+    reason = policy.kernel_verdict({}, modules(RELEASE, None), RELEASE, None)
+    assert reason is not None
+    assert "Module.symvers" in reason
+    assert RELEASE in reason
+
+
+def test_modules_with_symvers_and_nothing_to_compare_pass() -> None:
+    assert policy.kernel_verdict({}, modules(RELEASE, SYMVERS), RELEASE, None) is None
+
+
+def test_abi_label_agreeing_with_computed_passes() -> None:
+    assert policy.kernel_verdict({policy.LABEL_KERNEL_ABI: ABI}, modules(RELEASE, SYMVERS), RELEASE, ABI) is None
+
+
+def test_abi_label_disagreeing_with_computed_is_dropped() -> None:
+    reason = policy.kernel_verdict({policy.LABEL_KERNEL_ABI: "0" * 64}, modules(RELEASE, SYMVERS), RELEASE, None)
+    assert reason is not None
+    assert policy.LABEL_KERNEL_ABI in reason and ABI in reason
+
+
+def test_cmdline_abi_agreeing_with_computed_passes() -> None:
+    assert policy.kernel_verdict({}, modules(RELEASE, SYMVERS), RELEASE, ABI) is None
+
+
+def test_cmdline_abi_disagreeing_with_computed_is_dropped() -> None:
+    reason = policy.kernel_verdict({}, modules(RELEASE, SYMVERS), RELEASE, "1" * 64)
+    assert reason is not None
+    assert policy.CMDLINE_ABI in reason and "1" * 64 in reason
+
+
+def test_label_checked_before_cmdline() -> None:
+    """Label and command line both agree with each other but not with the file: dropped."""
+    wrong = "2" * 64
+    reason = policy.kernel_verdict({policy.LABEL_KERNEL_ABI: wrong}, modules(RELEASE, SYMVERS), RELEASE, wrong)
+    assert reason is not None and policy.LABEL_KERNEL_ABI in reason
+
+
+def test_version_checked_even_with_matching_abi() -> None:
+    labels = {policy.LABEL_KERNEL_VERSION: "5.15.0", policy.LABEL_KERNEL_ABI: ABI}
+    assert policy.kernel_verdict(labels, modules(RELEASE, SYMVERS), RELEASE, ABI) is not None
+
+
+# -- placement -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "priority"), [("0", 0), ("7", 7), ("-3", -3), ("+4", 4), ("0010", 10), ("999999999999999999", 10**18 - 1)])
+def test_integer_override(raw: str, priority: int) -> None:
+    assert policy.placement({policy.LABEL_OVERRIDE: raw}) == (OVERRIDE, priority, None)
+
+
+@pytest.mark.parametrize("raw", ["high", "1_0", " 3", "3 ", "٣", "1.5", "", "-", "+", "0x10", "1e3", "１", "\n1"])
+def test_non_integer_override_is_unranked_with_a_warning(raw: str) -> None:
+    position, priority, warning = policy.placement({policy.LABEL_OVERRIDE: raw})
+    assert position == OVERRIDE
+    assert priority is None
+    assert warning is not None and policy.LABEL_OVERRIDE in warning
+    assert warning.isprintable()
+
+
+def test_no_override_label_is_normal() -> None:
+    assert policy.placement({}) == (NORMAL, None, None)
+    assert policy.placement({"io.balena.image.overrides": "1"}) == (NORMAL, None, None)
+
+
+# -- decide / select -------------------------------------------------------------------
+
+
+def _names(decisions: list) -> list[str]:
+    return [d.extension.name for d in decisions]
+
+
+def test_select_orders_overrides_by_priority_then_name_then_normals_by_name() -> None:
+    exts = [
+        extension("zeta"),
+        extension("alpha"),
+        extension("o-high", override="high"),
+        extension("o5b", override=5),
+        extension("o5a", override=5),
+        extension("o-neg", override=-2),
+        extension("o10", override=10),
+        extension("o-x", override="x"),
+        extension("o2", override="2"),
+        extension("mid"),
+    ]
+    got = policy.select(exts, RELEASE, None)
+    assert _names(got) == ["o-neg", "o2", "o5a", "o5b", "o10", "o-high", "o-x", "alpha", "mid", "zeta"]
+    assert all(d.included and d.reason is None for d in got)
+    assert [d.priority for d in got] == [-2, 2, 5, 5, 10, None, None, None, None, None]
+    assert [d.position for d in got] == [OVERRIDE] * 7 + [NORMAL] * 3
+    assert [d.warning is not None for d in got] == [False] * 5 + [True, True] + [False] * 3
+
+
+def test_names_compare_numerically_as_text_not_as_numbers() -> None:
+    """Ties between equal priorities go by name as a string: "o10" sorts before "o9"."""
+    got = policy.select([extension("o9", override=1), extension("o10", override=1)], RELEASE, None)
+    assert _names(got) == ["o10", "o9"]
+
+
+def test_same_name_ties_broken_by_id() -> None:
+    a = extension("same", cid="a" * 64)
+    b = extension("same", cid="b" * 64)
+    assert [d.extension.id for d in policy.select([b, a], RELEASE, None)] == ["a" * 64, "b" * 64]
+
+
+@pytest.mark.parametrize("state", ["Dead", "RemovalInProgress"])
+def test_dead_or_removing_containers_are_excluded(state: str) -> None:
+    (d,) = policy.select([extension("x", state=state)], RELEASE, None)
+    assert not d.included
+    assert d.reason is not None and state in d.reason
+
+
+def test_faulty_extension_is_excluded_with_its_fault() -> None:
+    fault = "/data/docker/containers/abc/config.v2.json: not JSON"
+    (d,) = policy.select([extension("broken", fault=fault)], RELEASE, None)
+    assert not d.included
+    assert d.reason == fault
+    assert d.position == NORMAL
+
+
+def test_kernel_mismatch_is_excluded_with_reason() -> None:
+    ext = extension("k", labels={policy.LABEL_KERNEL_VERSION: "5.10.0"})
+    (d,) = policy.select([ext], RELEASE, None)
+    assert not d.included and "5.10.0" in (d.reason or "")
+
+
+def test_abi_token_reaches_the_verdict() -> None:
+    ext = extension("mods", modules=modules(RELEASE, SYMVERS))
+    assert policy.select([ext], RELEASE, ABI)[0].included
+    assert not policy.select([ext], RELEASE, "3" * 64)[0].included
+
+
+def test_excluded_ones_keep_their_place_in_the_order() -> None:
+    exts = [extension("b"), extension("a", state="Dead"), extension("o", override=1, fault="bad")]
+    got = policy.select(exts, RELEASE, None)
+    # An unreadable extension's labels are unknown: it sorts with the normal ones.
+    assert [(d.extension.name, d.included) for d in got] == [("a", False), ("b", True), ("o", False)]
+
+
+def test_select_empty() -> None:
+    assert policy.select([], RELEASE, None) == []
+
+
+# -- properties ------------------------------------------------------------------------
+
+overrides = st.one_of(
+    st.none(),
+    st.integers(min_value=-50, max_value=50),
+    st.sampled_from(["high", "1_0", " 3", "٣", "", "x"]),
+)
+conditions = st.sampled_from([None, None, None, "Dead", "RemovalInProgress", "fault", "kernel", "nosymvers", "abi"])
+names = st.text("abcdefgh-_.0123456789", min_size=1, max_size=6)
+
+
+@st.composite
+def extension_sets(draw: st.DrawFn) -> list:
+    specs = draw(st.lists(st.tuples(names, overrides, conditions), max_size=40))
+    exts = []
+    for i, (name, override, cond) in enumerate(specs):
+        cid = hashlib.sha256(f"{i}".encode()).hexdigest()
+        kw: dict = {"cid": cid, "override": override}
+        if cond in ("Dead", "RemovalInProgress"):
+            kw["state"] = cond
+        elif cond == "fault":
+            kw["fault"] = f"containers/{cid}/config.v2.json: malformed"
+        elif cond == "kernel":
+            kw["labels"] = {policy.LABEL_KERNEL_VERSION: "4.19.0"}
+        elif cond == "nosymvers":
+            kw["modules"] = KernelModules(release=RELEASE, symvers_sha256=None)
+        elif cond == "abi":
+            kw["modules"] = modules(RELEASE, b"other symvers")
+        exts.append(extension(name, **kw))
+    return exts
+
+
+@PROPS
+@given(extension_sets(), st.randoms(use_true_random=False))
+def test_select_is_independent_of_input_order(exts: list, rnd: random.Random) -> None:
+    shuffled = list(exts)
+    rnd.shuffle(shuffled)
+    assert policy.select(exts, RELEASE, ABI) == policy.select(shuffled, RELEASE, ABI)
+
+
+@PROPS
+@given(extension_sets())
+def test_select_order_and_reasons(exts: list) -> None:
+    got = policy.select(exts, RELEASE, ABI)
+    assert sorted(d.extension.id for d in got) == sorted(e.id for e in exts)
+    # Every decision: a reason exactly when excluded.
+    for d in got:
+        assert d.included == (d.reason is None)
+        assert (d.priority is not None) <= (d.position == OVERRIDE)
+    included = [d for d in got if d.included]
+    positions = [d.position for d in included]
+    # Included overrides always precede included normals.
+    assert positions == sorted(positions, key=lambda p: p != OVERRIDE)
+    # Ranked overrides ascending by (N, name), then unranked by name, then normals by name.
+    ranked = [(d.priority, d.extension.name) for d in got if d.position == OVERRIDE and d.priority is not None]
+    unranked = [d.extension.name for d in got if d.position == OVERRIDE and d.priority is None]
+    normal = [d.extension.name for d in got if d.position == NORMAL]
+    assert ranked == sorted(ranked)
+    assert unranked == sorted(unranked)
+    assert normal == sorted(normal)
+    kinds = ["r" if d.position == OVERRIDE and d.priority is not None else "u" if d.position == OVERRIDE else "n" for d in got]
+    assert kinds == sorted(kinds, key="run".index)
