@@ -295,6 +295,25 @@ def test_two_engines_at_once(tmp_path: Path) -> None:
     assert after == before, "engines must not touch /var/run/docker.sock"
 
 
+def test_engine_runs_containers_and_stop_reaps_them(tmp_path: Path) -> None:
+    from harness.engine import _alive
+
+    engine = Engine(tmp_path / "root").start()
+    try:
+        engine.import_tree(busybox_tree(tmp_path / "tree"), "bb:1")
+        assert engine.docker("run", "--rm", "bb:1", "/bin/echo", "hello") == "hello\n"
+        engine.docker("run", "-d", "--name", "sleeper", "bb:1", "/bin/sleep", "600")
+        assert any(m.mount_point.endswith("/merged") for m in mounts.mounts_under(str(engine.data_root)))
+        own = engine._own_processes()
+        assert len(own) >= 3, "dockerd, containerd and the sleeper's shim"
+        sleeper = engine.inspect("sleeper")["State"]["Pid"]
+        assert _alive(sleeper)
+    finally:
+        engine.stop()
+    assert not [p for p in own + [sleeper] if _alive(p)]
+    assert mounts.mounts_under(str(tmp_path)) == []
+
+
 def test_engine_errors_are_readable(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="unknown flag"):
         Engine(tmp_path / "bad", ["--no-such-flag"]).start()
