@@ -227,15 +227,26 @@ def spec_volumes(spec: dict, config: str) -> dict[str, str]:
 
 
 def resolve_rootfs(spec: dict, bundle: str, config: str) -> str:
-    """The rootfs as an absolute path, which must lie inside the bundle."""
+    """The rootfs as an absolute path.
+
+    A relative root.path (containerd's `rootfs`) must stay inside the bundle,
+    symlinks resolved: `../../etc` or a planted `rootfs -> /` is refused. An
+    absolute one is the engine's own statement and taken as it is: dockerd
+    mounts the container itself and points at `<data-root>/overlay2/<id>/merged`.
+    """
     root = spec.get("root")
     path = root.get("path") if isinstance(root, dict) else None
     if not isinstance(path, str) or not path:
         raise RuntimeFailure(f"{config}: root.path is missing")
-    real_bundle = os.path.realpath(bundle)
-    rootfs = os.path.realpath(os.path.join(real_bundle, path))
-    if os.path.commonpath((real_bundle, rootfs)) != real_bundle:
-        raise RuntimeFailure(f"{config}: root.path {shown(path)} resolves to {rootfs}, outside the bundle {real_bundle}")
+    if os.path.isabs(path):
+        rootfs = os.path.normpath(path)
+    else:
+        real_bundle = os.path.realpath(bundle)
+        rootfs = os.path.realpath(os.path.join(real_bundle, path))
+        if os.path.commonpath((real_bundle, rootfs)) != real_bundle:
+            raise RuntimeFailure(
+                f"{config}: root.path {shown(path)} resolves to {rootfs}, outside the bundle {real_bundle}"
+            )
     if not os.path.isdir(rootfs):
         raise RuntimeFailure(f"{config}: rootfs {rootfs} is not a directory")
     return rootfs
@@ -626,8 +637,8 @@ def cmd_create(opts: Options, cid: str, bundle: str, pid_file: str, console_sock
 
         if not is_extension(labels):
             raise RuntimeFailure(
-                f"container {cid} is not an extension: {source} carry neither {CLASS_LABEL}=overlay"
-                f" nor the legacy {LEGACY_LABEL}=1; run it with another runtime"
+                f"container {cid} is not an extension: no {CLASS_LABEL}=overlay (nor the legacy"
+                f" {LEGACY_LABEL}=1) in {source}; run it with another runtime"
             )
         volumes = spec_volumes(spec, config)
         verdict = boot_verdict(labels, rootfs)

@@ -320,7 +320,7 @@ def test_labels_come_from_the_engine_store_when_not_annotated(rt: Rt, tmp_path: 
     assert str(record) in msg and "not valid JSON" in msg
 
 
-@pytest.mark.parametrize("root_path", ["../elsewhere", "/", "rootfs/../../elsewhere", "link"])
+@pytest.mark.parametrize("root_path", ["../elsewhere", "rootfs/../../elsewhere", "link", "link/hooks"])
 def test_create_rejects_a_rootfs_outside_the_bundle(rt: Rt, tmp_path: Path, root_path: str) -> None:
     (tmp_path / "elsewhere" / "hooks").mkdir(parents=True)
     b = Bundle(tmp_path, root_path=root_path)
@@ -328,6 +328,20 @@ def test_create_rejects_a_rootfs_outside_the_bundle(rt: Rt, tmp_path: Path, root
     msg = rt.fail("create", "--bundle", str(b.path), "--pid-file", str(tmp_path / "pid"), "ext1")
     assert "outside the bundle" in msg and str(b.config) in msg
     assert leftovers(rt) == []
+
+
+def test_an_absolute_rootfs_is_the_engines_word(rt: Rt, tmp_path: Path) -> None:
+    """dockerd mounts the container itself and names `<data-root>/overlay2/<id>/merged`."""
+    elsewhere = Bundle(tmp_path, "merged")
+    b = Bundle(tmp_path, root_path=str(elsewhere.rootfs), hooks={})
+    pid = create(rt, b)
+    assert rt.state("ext1")["rootfs"] == str(elsewhere.rootfs)
+    assert elsewhere.steps() == ["create"]  # the hooks are those of the rootfs named
+    rt("delete", "--force", "ext1")
+    assert exit_status(pid) == 137
+    b.config.write_text(json.dumps({"root": {"path": str(tmp_path / "nowhere")}, "annotations": {}}))
+    assert f"rootfs {tmp_path / 'nowhere'} is not a directory" in rt.fail(
+        "create", "--bundle", str(b.path), "--pid-file", str(tmp_path / "pid"), "ext1")
 
 
 def test_create_names_a_broken_bundle(rt: Rt, tmp_path: Path) -> None:
