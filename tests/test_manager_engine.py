@@ -1,0 +1,166 @@
+"""The extension manager against the real engine: what it removes, what it keeps.
+
+One engine (with our runtime registered) holds a mix of containers made the
+way a device gets them: extensions installed with `docker run --runtime
+extension`, one whose create hook failed, dead ones (the engine cannot be
+asked for that state, so it is set in the store while the engine is stopped,
+as harness.device does), a plain app, and stale extensions whose volumes
+carry `deactivate` hooks. The manager runs as its console script.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.device import set_state
+from harness.engine import Engine, EngineError
+from harness.rootfs import File
+from mobynit import runtime
+
+pytestmark = pytest.mark.engine
+
+MANAGER = Path(sys.executable).parent / "mobynit-extension-manager"
+RUNTIME = Path(sys.executable).parent / "mobynit-runtime"
+RELEASE = "6.1.0-mobynit-test"  # the kernel the manager is told is running
+SYMVERS = b"0x12345678\tprintk\tvmlinux\tEXPORT_SYMBOL\n"
+ABI = hashlib.sha256(SYMVERS).hexdigest()
+OVERLAY = {"io.balena.image.class": "overlay"}
+
+IMAGES = {
+    "ext-ok": {**OVERLAY, "io.balena.image.kernel-version": "6.1.0", "io.balena.image.os-version": "2.118.*, 2.119.*"},
+    "ext-oldkernel": {**OVERLAY, "io.balena.image.kernel-version": "5.15.0"},
+    "ext-oldos": {**OVERLAY, "io.balena.image.os-version": "2.118.*"},
+    "ext-abi": {**OVERLAY, "io.balena.image.kernel-abi-id": ABI},
+    "ext-legacy": {"io.balena.features.host-extension": "1"},
+    "ext-badhook": OVERLAY,
+    "app": {},
+}
+
+
+def dockerfile(labels: dict[str, str]) -> str:
+    label = "".join(f"LABEL {json.dumps(k)}={json.dumps(v)}\n" for k, v in labels.items())
+    return f'FROM scratch\n{label}COPY . /\nCMD ["/never-run"]\n'
+
+
+class Device:
+    def __init__(self, engine: Engine, tmp: Path) -> None:
+        self.engine = engine
+        self.tmp = tmp
+        self.cmdline = tmp / "cmdline"
+        self.os_release = tmp / "os-release"
+        self.os_release.write_text('ID=balena-os\nVERSION_ID="2.119.3"\n')
+        self.ids: dict[str, str] = {}
+
+    def names(self) -> set[str]:
+        out = self.engine.docker("ps", "-a", "--format", "{{.Names}}")
+        return set(out.split())
+
+    def manager(self, *args: str, abi: str | None = None) -> subprocess.CompletedProcess[str]:
+        self.cmdline.write_text(f"root=/dev/sda2 {f'balena_kernel_abi={abi}' if abi else ''} quiet\n")
+        extra = ["--os-release", str(self.os_release), "--kernel-release", RELEASE, "--cmdline", str(self.cmdline)]
+        proc = subprocess.run(
+            [str(MANAGER), "--host", self.engine.host, "--timeout", "60", "cleanup", *args,
+             *(extra if "--stale-os" in args else [])],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    def volume_dir(self, name: str) -> Path:
+        return Path(self.engine.docker("volume", "inspect", "-f", "{{.Mountpoint}}", name).strip())
+
+
+def deactivate_hook(evidence: Path, status: int = 0) -> File:
+    return File(
+        "#!/bin/sh\n"
+        f'echo "$PWD kernel=$EXTENSION_IMAGE_KERNEL_VERSION boot=$EXTENSION_VOLUME_BOOT" >> "{evidence}"\n'
+        f"exit {status}\n",
+        0o755,
+    )
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run dockerd")
+    tmp = tmp_path_factory.mktemp("manager-engine")
+    data = tmp / "data"
+    wrapper = tmp / "extension-runtime"
+    wrapper.write_text(f'#!/bin/sh\nexport {runtime.ENGINE_ROOT_ENV}="{data}"\nexec "{RUNTIME}" "$@"\n')
+    wrapper.chmod(0o755)
+    engine = Engine(data, ["--add-runtime", f"extension={wrapper}"])
+    d = Device(engine, tmp)
+    files = {"etc/payload": "x"}
+    special = {
+        "ext-badhook": {**files, "hooks/create": File("#!/bin/sh\nexit 5\n", 0o755)},
+        "ext-abi": {**files, f"lib/modules/{RELEASE}/Module.symvers": SYMVERS},
+    }
+    with engine:
+        engine.build_many([(f"{name}:1", dockerfile(labels), special.get(name, files)) for name, labels in IMAGES.items()])
+        for vol, status in (("boot-old", 0), ("boot-stuck", 1)):
+            engine.docker("volume", "create", vol)
+            hook = deactivate_hook(tmp / f"{vol}.evidence", status)
+            path = d.volume_dir(vol) / "deactivate"
+            path.write_text(str(hook.content))
+            path.chmod(hook.mode)
+        installs = [
+            ("ok", "ext-ok"), ("oldkernel", "ext-oldkernel", "-v", "boot-old:/boot"),
+            ("stuck", "ext-oldkernel", "-v", "boot-stuck:/boot"), ("oldos", "ext-oldos"), ("abi", "ext-abi"),
+        ]
+        for name, image, *opts in installs:
+            engine.docker("run", "--name", name, "--runtime", "extension", *opts, f"{image}:1")
+        with pytest.raises(EngineError, match="exit status 5"):
+            engine.docker("run", "--name", "failed", "--runtime", "extension", "ext-badhook:1")
+        for name, image in (("dead-ext", "ext-ok"), ("dead-legacy", "ext-legacy"), ("dead-app", "app"), ("app", "app")):
+            engine.create(f"{image}:1", name, ["/never-run"])
+        d.ids = {n: engine.inspect(n)["Id"] for n in d.names()}
+    for name in ("dead-ext", "dead-legacy", "dead-app"):
+        set_state(data / "containers" / d.ids[name] / "config.v2.json", "Dead")
+    with engine:
+        states = {n: engine.inspect(n)["State"]["Status"] for n in d.names()}
+        assert states["dead-ext"] == states["dead-app"] == "dead" and states["failed"] == "created"
+        yield d
+
+
+def test_cleanup_then_stale_os(device: Device) -> None:
+    d = device
+    everything = {"ok", "oldkernel", "stuck", "oldos", "abi", "failed", "dead-ext", "dead-legacy", "dead-app", "app"}
+    assert d.names() == everything
+
+    # Plain cleanup: the dead and failed extensions go; a dead app is not ours to judge.
+    proc = d.manager()
+    assert proc.returncode == 0, proc.stderr
+    assert d.names() == everything - {"failed", "dead-ext", "dead-legacy"}
+    assert f"removed failed ({d.ids['failed'][:12]}): it failed: " in proc.stderr
+    assert f"removed dead-ext ({d.ids['dead-ext'][:12]}): the engine marked it dead" in proc.stderr
+    assert not (d.tmp / "boot-old.evidence").exists()  # no deactivate hook without --stale-os
+
+    # The same again finds nothing.
+    proc = d.manager()
+    assert proc.returncode == 0 and "nothing to remove" in proc.stderr
+
+    # --stale-os: the kernel and OS checks; a deactivate hook that fails keeps its container.
+    proc = d.manager("--stale-os", abi=ABI)
+    assert proc.returncode == 1
+    assert d.names() == {"ok", "stuck", "abi", "dead-app", "app"}
+    assert f"removed oldkernel ({d.ids['oldkernel'][:12]}): built for kernel 5.15.0, running kernel is 6.1.0" in proc.stderr
+    assert "removed oldos" in proc.stderr and "io.balena.image.os-version=2.118.*" in proc.stderr
+    assert f"stuck ({d.ids['stuck'][:12]}): kept, its deactivate hook failed: " in proc.stderr
+    boot_old = d.volume_dir("boot-old")
+    assert (d.tmp / "boot-old.evidence").read_text() == f"{boot_old} kernel=5.15.0 boot={boot_old}\n"
+    assert "boot-old" in d.engine.docker("volume", "ls", "-q").split()  # volumes stay
+
+    # The hook fixed, the next run finishes the job; a different kernel ABI makes `abi` stale too.
+    (d.volume_dir("boot-stuck") / "deactivate").write_text("#!/bin/sh\nexit 0\n")
+    proc = d.manager("--stale-os", abi="f" * 64)
+    assert proc.returncode == 0, proc.stderr
+    assert d.names() == {"ok", "dead-app", "app"}
+    assert f"removed abi ({d.ids['abi'][:12]}): kernel ABI {ABI} does not match" in proc.stderr
