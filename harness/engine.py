@@ -146,7 +146,10 @@ class Engine:
         self.private_dir = Path(tempfile.mkdtemp(prefix="mh", dir=base))
         self._private("cfg").mkdir()
         config = self._private("daemon.json")
-        config.write_text("{}\n")  # never pick up /etc/docker/daemon.json
+        # Our own config, never /etc/docker/daemon.json, and our own trust key:
+        # engines starting together on a fresh machine would otherwise race to
+        # create /etc/docker/key.json, one reading it half-written.
+        config.write_text(json.dumps({"deprecated-key-path": str(self._private("key.json"))}) + "\n")
         cmd = [
             DOCKERD,
             "--config-file", str(config),
