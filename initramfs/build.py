@@ -35,15 +35,65 @@ STDLIB = Path("/usr/lib/python3.11")
 # What the root needs from modules: the virtio disk and overlayfs.
 MODULES = ("virtio_pci", "virtio_blk", "overlay")
 
-# The boot path: what /init runs, plus what it imports lazily.
-BOOT_IMPORTS = ("mobynit.boot", "socket", "select", "traceback", "hashlib", "encodings.ascii", "encodings.latin_1")
+# The boot path starts at what /init runs; every module it can import, also
+# lazily inside a function, is found by reading the sources (boot_closure).
+BOOT_ENTRY = "mobynit.boot"
+# Imported by the interpreter itself on demand (codecs by name).
+INTERPRETER_EXTRAS = ("encodings.ascii", "encodings.latin_1")
 # Never shipped: hashlib falls back to the built-in _sha256 without OpenSSL.
 EXCLUDED = frozenset(("_hashlib", "_ssl"))
 
 
-def trace_imports(source: Path = REPO, imports: tuple[str, ...] = BOOT_IMPORTS) -> dict[str, str]:
+def boot_closure(source: Path = REPO, entry: str = BOOT_ENTRY) -> set[str]:
+    """Every module the package's boot path may import, read from the
+    sources: imports inside functions count (that is how the boot path
+    defers cost), those under `if TYPE_CHECKING:` do not."""
+    import ast
+
+    seen: set[str] = set()
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = source / (name.replace(".", "/") + ".py")
+        if not path.exists():
+            path = source / name.replace(".", "/") / "__init__.py"
+        if not path.exists():
+            continue  # not ours: the interpreter resolves it in trace_imports
+        for node in _imports(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+            elif node.module:
+                todo.append(node.module)
+                # `from pkg import mod` imports a module when mod is one
+                todo += [f"{node.module}.{alias.name}" for alias in node.names
+                         if (source / node.module.replace(".", "/") / f"{alias.name}.py").exists()]
+    return seen
+
+
+def _imports(tree):
+    """Import nodes of a module, skipping `if TYPE_CHECKING:` blocks."""
+    import ast
+
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            stack += node.orelse
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        stack += ast.iter_child_nodes(node)
+
+
+def trace_imports(source: Path = REPO, imports: tuple[str, ...] | None = None) -> dict[str, str]:
     """Module name -> file, for everything a clean interpreter loads to
-    import `imports` (the interpreter's own start-up included)."""
+    import `imports` (the interpreter's own start-up included); by default
+    the boot closure."""
+    if imports is None:
+        imports = (*sorted(boot_closure(source) - {"__future__"}), *INTERPRETER_EXTRAS, "__future__")
     script = (
         "import sys\n"
         f"sys.modules.update(dict.fromkeys({sorted(EXCLUDED)!r}))\n"

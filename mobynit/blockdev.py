@@ -16,6 +16,7 @@ import struct
 import time
 
 SYS_BLOCK = "/sys/class/block"
+NETLINK_KOBJECT_UEVENT = 15  # <linux/netlink.h>; Python's socket module lacks the name
 _EXT_MAGIC = 0xEF53
 _KEYS = ("LABEL", "UUID", "PARTUUID", "PARTLABEL")
 
@@ -152,7 +153,7 @@ class UeventWaiter:
     def __init__(self) -> None:
         import socket  # only when a device is late
 
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_KOBJECT_UEVENT)
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_KOBJECT_UEVENT)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.bind((0, 1))  # group 1: the kernel's own announcements
         self.events = 0
@@ -186,7 +187,12 @@ def wait_for(spec: DeviceSpec, timeout: float, log=None) -> tuple[str | None, fl
     path = find(spec)
     if path is not None:
         return path, 0.0
-    waiter = UeventWaiter()
+    try:
+        waiter = UeventWaiter()
+    except OSError as e:
+        if log is not None:
+            log(f"cannot listen for kernel uevents ({e.strerror}): not waiting for {spec}")
+        return find(spec), time.monotonic() - start
     try:
         if log is not None:
             log(f"waiting up to {timeout:g} s for {spec}")

@@ -103,7 +103,7 @@ class Boot:
             self.log(f"{param}: {e}")
             return None
         start = time.monotonic()
-        path, waited = blockdev.wait_for(spec, self.wait(), log=self.console.debug)
+        path, waited = blockdev.wait_for(spec, self.wait(), log=self.log)
         self.timed(phase, start)
         if path is None:
             self.log(f"{param}{spec} did not appear within {waited:.1f} s")

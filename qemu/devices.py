@@ -56,6 +56,7 @@ def probe_hostapp(name: str = "hostapp", files: dict | None = None) -> HostappSp
     second one adds the files a test wants, so the hostapp is a real chain)."""
     first = {
         "sbin/init": File(PROBE_INIT, 0o755),
+        "sbin/init-alt": File('#!/bin/busybox sh\necho "MARK alt-init $$"\nexec /sbin/init\n', 0o755),
         "etc/os-release": 'ID=balena-os\nNAME="balenaOS"\nVERSION_ID=7.0.0\n',
     }
     second = {
@@ -80,6 +81,12 @@ def three_extensions() -> tuple[ExtensionSpec, ...]:
         extension("firmware", {"usr/share/firmware/blob": "firmware v2\n"}),
         extension("hotfix", {"etc/hostapp-file": "patched by hotfix\n", "usr/share/hotfix/note": "override 10\n"}, override=10),
     )
+
+
+def four_extensions() -> tuple[ExtensionSpec, ...]:
+    """The demo's three and a second override that outranks the first (5 < 10)."""
+    urgent = extension("urgent", {"etc/hostapp-file": "patched by urgent\n"}, override=5)
+    return (*three_extensions(), urgent)
 
 
 def build(workdir: Path, hostapp: HostappSpec, extensions=(), purge_marker: bool = True,

@@ -19,6 +19,9 @@ from pathlib import Path
 MiB = 1 << 20
 ROOT_LABEL = "resin-rootA"
 DATA_LABEL = "resin-data"
+# Fixed file system UUIDs, so a test can name a partition by UUID=.
+ROOT_UUID = "6d6f6279-6e69-4174-8000-726f6f744131"
+DATA_UUID = "6d6f6279-6e69-4174-8000-646174613031"
 
 
 class DiskError(RuntimeError):
@@ -30,6 +33,7 @@ class Partition:
     label: str
     tree: Path | None  # None: an empty file system
     size_mib: int = 0  # 0: fit the tree
+    uuid: str | None = None  # None: a random one
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ def tree_mib(tree: Path) -> int:
     return int(out.split()[0])
 
 
-def make_ext4(image: Path, label: str, tree: Path | None, size_mib: int = 0) -> int:
+def make_ext4(image: Path, label: str, tree: Path | None, size_mib: int = 0, uuid: str | None = None) -> int:
     """An ext4 image of `tree`; returns its size in MiB."""
     if not size_mib:
         used = tree_mib(tree) if tree is not None else 0
@@ -64,6 +68,8 @@ def make_ext4(image: Path, label: str, tree: Path | None, size_mib: int = 0) -> 
     with open(image, "wb") as f:
         f.truncate(size_mib * MiB)
     cmd = ["mkfs.ext4", "-q", "-F", "-L", label, "-I", "256", "-E", "root_owner=0:0"]
+    if uuid is not None:
+        cmd += ["-U", uuid]
     if tree is not None:
         cmd += ["-d", str(tree)]
     _run(*cmd, str(image))
@@ -77,7 +83,7 @@ def make_disk(path: Path, partitions: list[Partition], signature: int = 0x6D6F62
     images: list[tuple[Path, int]] = []
     for n, part in enumerate(partitions, start=1):
         image = work / f".{path.name}.p{n}"
-        images.append((image, make_ext4(image, part.label, part.tree, part.size_mib)))
+        images.append((image, make_ext4(image, part.label, part.tree, part.size_mib, part.uuid)))
     total = 1 + sum(size for _, size in images) + 1
     path.unlink(missing_ok=True)
     with open(path, "wb") as f:
@@ -99,10 +105,15 @@ def make_disk(path: Path, partitions: list[Partition], signature: int = 0x6D6F62
 def device_disk(path: Path, sysroot: Path, data: Path | None) -> Disk:
     """The disk of a device built by harness.device.build_device (no data
     partition when `data` is None)."""
-    parts = [Partition(ROOT_LABEL, sysroot)]
+    parts = [Partition(ROOT_LABEL, sysroot, uuid=ROOT_UUID)]
     if data is not None:
-        parts.append(Partition(DATA_LABEL, data))
+        parts.append(Partition(DATA_LABEL, data, uuid=DATA_UUID))
     return make_disk(path, parts)
+
+
+def data_disk(path: Path, data: Path) -> Disk:
+    """A disk holding only the data partition (for a second, late disk)."""
+    return make_disk(path, [Partition(DATA_LABEL, data, uuid=DATA_UUID)], signature=0x64617461)
 
 
 def debugfs(image: Path, request: str) -> str:

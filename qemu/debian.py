@@ -1,0 +1,137 @@
+"""A realistic hostapp: Debian with systemd, made by debootstrap.
+
+The tree is cached (it takes minutes to make and never changes for a given
+suite and package list); the device around it is built with the real
+engine like every other device: the tree is imported as the hostapp's base
+layer, a build step adds a probe service, and the container is created.
+
+The probe service runs once multi-user.target is reached and prints what
+the booted system says about itself as `MARK` lines on the console:
+`target` (is-active multi-user.target), `virt` (systemd-detect-virt
+--container), `bootjson`, `dockerenv`, `root` and the extension's file,
+then powers off.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from harness.device import OVERLAY_CLASS, Device, ExtensionSpec, Layer, build_scratch_images
+from harness.engine import Engine
+from harness.rootfs import File, Symlink
+
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+INCLUDE = ("systemd", "systemd-sysv", "udev")
+EXTRA_DIRS = ("mnt/sysroot/active", "mnt/data")
+
+PROBE = r"""#!/bin/sh
+# Reports, on the console, what the booted Debian says about itself.
+mark() { echo "MARK $*" > /dev/console; }
+mark target "$(systemctl is-active multi-user.target)"
+mark virt "$(systemd-detect-virt --container)"
+mark state "$(systemctl is-system-running)"
+if [ -e /.dockerenv ]; then mark dockerenv yes; else mark dockerenv no; fi
+mark root "$(findmnt -n -o FSTYPE,OPTIONS /)"
+if [ -f /run/mobynit/boot.json ]; then mark bootjson "$(tr -d '\n' < /run/mobynit/boot.json)"; else mark bootjson none; fi
+for f in /usr/share/debian-ext/hello /etc/debian-probe; do
+    [ -f "$f" ] && mark file "$f $(head -n 1 "$f")"
+done
+mark uptime "$(cut -d' ' -f1 /proc/uptime)"
+mark done
+systemctl --no-block poweroff
+"""
+
+UNIT = """[Unit]
+Description=mobynit boot test probe
+After=multi-user.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/local/sbin/mobynit-probe
+StandardOutput=journal+console
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def tree(cache: Path, suite: str = SUITE, mirror: str = MIRROR, log=print) -> Path:
+    """The debootstrap tree for `suite`, made once and cached under `cache`."""
+    root = cache / f"debootstrap-{suite}-{'-'.join(INCLUDE)}"
+    if (root / ".complete").exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=cache, prefix=".debootstrap."))
+    start = time.monotonic()
+    res = subprocess.run(
+        ["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}", suite, str(work), mirror],
+        capture_output=True, text=True,
+    )
+    if res.returncode != 0:
+        shutil.rmtree(work, ignore_errors=True)
+        tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"debootstrap {suite} from {mirror} failed:\n{tail}")
+    for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for p in (work / sub).glob("*"):
+            if p.is_file():
+                p.unlink()
+    log(f"debootstrap {suite}: {time.monotonic() - start:.0f} s")
+    work.rename(root)
+    (root / ".complete").write_text(f"{suite} {mirror} {' '.join(INCLUDE)}\n")
+    return root
+
+
+def build(workdir: Path, cache: Path) -> Device:
+    """sysroot/ and data/ of a device whose hostapp is the Debian tree with
+    the probe service, and whose data store holds one normal extension."""
+    base_tree = tree(cache)
+    sysroot, data = workdir / "sysroot", workdir / "data"
+    sysroot.mkdir(parents=True)
+    data.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="mobynit-debian.") as tmp:
+        staged = Path(tmp) / "tree"
+        # The import must not carry the cache's stamp; hard links keep the copy cheap.
+        subprocess.run(["cp", "-a", "--link", str(base_tree), str(staged)], check=True)
+        (staged / ".complete").unlink()
+        for d in EXTRA_DIRS:
+            (staged / d).mkdir(parents=True, exist_ok=True)
+        host = Engine(sysroot / "balena")
+        ext = Engine(data / "docker")
+        try:
+            host.start(wait=False)
+            ext.start(wait=False)
+            host.wait_ready()
+            ext.wait_ready()
+            host.import_tree(staged, "debian-base:build")
+            files = {
+                "probe/usr/local/sbin/mobynit-probe": File(PROBE, 0o755),
+                "probe/etc/systemd/system/mobynit-probe.service": UNIT,
+                "probe/etc/systemd/system/multi-user.target.wants/mobynit-probe.service": Symlink("../mobynit-probe.service"),
+                "probe/etc/debian-probe": "debian hostapp\n",
+                "probe/etc/hostname": "mobynit-debian\n",
+            }
+            image = host.build("debian:latest", "FROM debian-base:build\nCOPY probe/ /\n", files)
+            hostapp_id = host.create(image, "debian")
+            spec = ExtensionSpec(
+                name="debian-ext",
+                layers=(Layer(files={"usr/share/debian-ext/hello": "hello from a Debian extension\n"}),),
+                labels=dict(OVERLAY_CLASS),
+            )
+            ext_id = ext.create(build_scratch_images(ext, [spec])["debian-ext"], "debian-ext")
+        finally:
+            host.stop()
+            ext.stop()
+    for store in (sysroot / "balena", data / "docker"):
+        (store / "volumes" / "backingFsBlockDev").unlink(missing_ok=True)
+    (sysroot / "hostapps" / hostapp_id).mkdir(parents=True)
+    (sysroot / "current").symlink_to(f"hostapps/{hostapp_id}")
+    (data / "remove_me_to_reset").write_text("")
+    return Device(sysroot=sysroot, data=data, hostapp_id=hostapp_id, hostapp_name="debian",
+                  extensions={"debian-ext": ext_id}, apps=())
+

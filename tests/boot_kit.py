@@ -1,0 +1,234 @@
+"""What the boot tests share: the kernel and initramfs, the devices and
+their disks, and the scenarios (a disk and a command line) to boot.
+
+Booting is the slow part, so the scenarios the selected tests need are
+booted together, two machines at a time (one per core), the first time a
+test asks for one; each test then asserts on its machine's console.
+Logs are kept in build/boot-logs/<scenario>.log.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.device import Device, build_device
+from qemu import debian, devices, disk, kernel, runner
+
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / ".cache"
+LOGS = REPO / "build" / "boot-logs"
+BASE_CMDLINE = "console=ttyS0 root=LABEL=resin-rootA"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    disk: str  # a key of DISKS
+    cmdline: str = ""  # appended to BASE_CMDLINE
+    steps: tuple[runner.Step, ...] = ()
+    late_disk: str | None = None  # a key of DISKS, plugged in once the guest waits
+    timeout: float = 120.0
+    base: str = BASE_CMDLINE
+
+
+def plug_when_waiting(run: runner.Run) -> None:
+    """Plug the late disk in once mobynit says it waits for it."""
+    if run.expect(r"mobynit: waiting up to", 60):
+        run.hotplug(0)
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "hostapp-alone": Scenario("bare"),
+    "extensions": Scenario("four"),
+    "balena.nohostext": Scenario("four", "balena.nohostext"),
+    "balena.disable_overlays": Scenario("four", "balena.disable_overlays"),
+    "mobynit.no_overlays": Scenario("four", "mobynit.no_overlays"),
+    "emergency": Scenario("four", "emergency"),
+    "switches-off": Scenario("four", "balena.nohostext=0 balena.disable_overlays=0 mobynit.no_overlays=0 emergency=no"),
+    "names": Scenario(
+        "four",
+        f"mobynit.data=UUID={disk.DATA_UUID} init=/sbin/init-alt",
+        base="console=ttyS0 root=PARTUUID=6d6f6279-01",
+    ),
+    "no-data": Scenario("four-nodata", "mobynit.wait=2"),
+    "no-marker": Scenario("four-nomarker"),
+    "corrupt": Scenario("corrupt"),
+    "broken": Scenario("broken"),
+    "broken-shell": Scenario(
+        "broken",
+        "mobynit.shell",
+        steps=((r"mobynit: starting a rescue shell", "echo RESCUE-$((6*7))\n"), (r"^RESCUE-42", "poweroff -f\n")),
+    ),
+    "late-data": Scenario("four-nodata", late_disk="four-dataonly"),
+    "debian": Scenario("debian", timeout=300.0),
+}
+
+
+# --- devices and disks ---------------------------------------------------------------
+
+
+def _copy_tree(src: Path, dest: Path) -> Path:
+    shutil.rmtree(dest, ignore_errors=True)
+    import subprocess
+
+    subprocess.run(["cp", "-a", str(src), str(dest)], check=True)
+    return dest
+
+
+def _layer_dir(store: Path, container_id: str) -> Path:
+    """The overlay2 directory of a container's (top) image layer."""
+    chain = (store / "image/overlay2/layerdb/mounts" / container_id / "parent").read_text().split(":")[1]
+    cache_id = (store / "image/overlay2/layerdb/sha256" / chain / "cache-id").read_text().strip()
+    return store / "overlay2" / cache_id
+
+
+class Disks:
+    """Disk images by name, each built (with real engines) on first use."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.devices: dict[str, Device] = {}
+        self.disks: dict[str, disk.Disk] = {}
+        self.seconds: dict[str, float] = {}
+
+    def device(self, name: str) -> Device:
+        if name not in self.devices:
+            start = time.monotonic()
+            where = self.work / name
+            if name == "bare":
+                dev = build_device(where, devices.probe_hostapp())
+            elif name == "four":
+                dev = build_device(where, devices.probe_hostapp(), devices.four_extensions())
+            elif name == "debian":
+                dev = debian.build(where, CACHE)
+            else:
+                raise KeyError(name)
+            self.devices[name] = dev
+            self.seconds[f"device {name}"] = time.monotonic() - start
+        return self.devices[name]
+
+    def get(self, name: str) -> disk.Disk:
+        if name not in self.disks:
+            start = time.monotonic()
+            self.disks[name] = self._make(name, self.work / f"{name}.img")
+            self.seconds[f"disk {name}"] = time.monotonic() - start
+        return self.disks[name]
+
+    def _make(self, name: str, path: Path) -> disk.Disk:
+        if name in ("bare", "four", "debian"):
+            dev = self.device(name)
+            return disk.device_disk(path, dev.sysroot, dev.data)
+        four = self.device("four")
+        if name == "four-nodata":
+            return disk.device_disk(path, four.sysroot, None)
+        if name == "four-dataonly":
+            return disk.data_disk(path, four.data)
+        if name == "four-nomarker":
+            data = _copy_tree(four.data, self.work / "data-nomarker")
+            (data / "remove_me_to_reset").unlink()
+            return disk.device_disk(path, four.sysroot, data)
+        if name == "corrupt":
+            data = _copy_tree(four.data, self.work / "data-corrupt")
+            store = data / "docker"
+            # A write cut short: still says it is an extension, no longer JSON.
+            config = store / "containers" / four.extensions["tools"] / "config.v2.json"
+            raw = config.read_text()
+            cut = raw.rindex("io.balena.image.class") + 40
+            assert cut < len(raw) - 1, "the label is too near the end of config.v2.json to cut after it"
+            config.write_text(raw[:cut])
+            shutil.rmtree(_layer_dir(store, four.extensions["firmware"]) / "diff")
+            return disk.device_disk(path, four.sysroot, data)
+        if name == "broken":
+            sysroot = _copy_tree(four.sysroot, self.work / "sysroot-broken")
+            (sysroot / "current").unlink()
+            (sysroot / "current").symlink_to("hostapps/" + "0" * 64)
+            return disk.device_disk(path, sysroot, four.data)
+        raise KeyError(f"no disk named {name}")
+
+
+# --- booting -------------------------------------------------------------------------
+
+
+@dataclass
+class Kit:
+    kernel: kernel.Kernel
+    initrd: Path
+    initrd_summary: dict
+    disks: Disks
+    results: dict[str, runner.Result] = field(default_factory=dict)
+
+    def machine(self, scenario: Scenario) -> runner.Machine:
+        cmdline = " ".join(p for p in (scenario.base, scenario.cmdline) if p)
+        late = (self.disks.get(scenario.late_disk).path,) if scenario.late_disk else ()
+        return runner.Machine(
+            kernel=self.kernel.vmlinuz, initrd=self.initrd, cmdline=cmdline,
+            disks=(self.disks.get(scenario.disk).path,), hotplug=late, timeout=scenario.timeout,
+        )
+
+    def boot(self, names: list[str]) -> None:
+        """Boot the scenarios not booted yet, two at a time."""
+        todo = [n for n in dict.fromkeys(names) if n not in self.results]
+        jobs = []
+        for name in todo:
+            sc = SCENARIOS[name]
+            kwargs: dict = {"steps": sc.steps}
+            if sc.late_disk:
+                kwargs["driver"] = plug_when_waiting
+            jobs.append((name, self.machine(sc), kwargs))
+        # The slowest first, so the pool does not end on it alone.
+        jobs.sort(key=lambda job: -job[1].timeout)
+        start = time.monotonic()
+        self.results.update(runner.boot_all(jobs, LOGS))
+        if jobs:
+            sys.stderr.write(f"\n[boot] {len(jobs)} machines booted in {time.monotonic() - start:.1f} s\n")
+        self.write_summary()
+
+    def write_summary(self) -> None:
+        """Guest timings of every boot so far, for people (build/boot-logs/summary.json)."""
+        summary: dict[str, object] = {"initramfs_gzip_bytes": self.initrd_summary.get("gzip_bytes"),
+                                      "build_seconds": self.disks.seconds, "boots": {}}
+        for name, res in sorted(self.results.items()):
+            rec = boot_record(res)
+            boot = (rec or {}).get("boot") or {}
+            entry: dict[str, object] = {"wall_seconds": round(res.seconds, 2), "returncode": res.returncode}
+            if boot.get("init_start") is not None and boot.get("handover") is not None:
+                entry["init_to_handover"] = round(boot["handover"] - boot["init_start"], 3)
+                entry["extensions"] = sum(1 for e in rec.get("extensions", []) if e.get("included"))
+                entry["phases"] = boot.get("phases")
+            summary["boots"][name] = entry  # type: ignore[index]
+        LOGS.mkdir(parents=True, exist_ok=True)
+        (LOGS / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def boot_record(result: runner.Result) -> dict | None:
+    """The /run/mobynit/boot.json the booted system saw, from its MARK line."""
+    text = result.console.mark("bootjson")
+    if not text or text == "none":
+        return None
+    return json.loads(text)
+
+
+def files(result: runner.Result) -> dict[str, str]:
+    """path -> first line, for each file the probe listed."""
+    out = {}
+    for value in result.console.marks("file"):
+        path, _, first = value.partition(" ")
+        out[path] = first
+    return out
+
+
+def make_kit(work: Path, log: Callable[[str], None]) -> Kit:
+    start = time.monotonic()
+    k = kernel.fetch(CACHE / "kernel")
+    from initramfs import build as initramfs
+
+    initrd = work / "initrd.gz"
+    summary = initramfs.build(k.modules, initrd)
+    log(f"[boot] kernel {k.release}, initramfs {summary['gzip_bytes'] / 1e6:.1f} MB gzipped "
+        f"({time.monotonic() - start:.1f} s)")
+    return Kit(kernel=k, initrd=initrd, initrd_summary=summary, disks=Disks(work))

@@ -1,0 +1,307 @@
+"""Real boots: Debian's kernel under QEMU (TCG), mobynit's initramfs, disks
+built by the real engine; each test asserts on what one machine printed.
+
+The machines the selected tests need are booted together, two at a time,
+by the first test that asks (see tests/boot_kit.py); console logs are in
+build/boot-logs/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import boot_kit
+from tests.boot_kit import boot_record, files
+
+pytestmark = pytest.mark.boot
+
+HOSTAPP_FILE = "/etc/hostapp-file"
+TOGGLES = ("balena.nohostext", "balena.disable_overlays", "mobynit.no_overlays", "emergency")
+
+
+def uses(*names: str):
+    """Declare the scenarios a test reads, so they are booted in one batch."""
+    def mark(fn):
+        fn.boot_scenarios = names
+        return fn
+    return mark
+
+
+@pytest.fixture(scope="session")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> boot_kit.Kit:
+    if os.geteuid() != 0:
+        pytest.skip("boot tests need root (device nodes in the initramfs, dockerd)")
+    return boot_kit.make_kit(tmp_path_factory.mktemp("boot"), lambda line: sys.stderr.write(f"\n{line}\n"))
+
+
+@pytest.fixture(scope="session")
+def booted(kit: boot_kit.Kit, request: pytest.FixtureRequest):
+    """booted(name) -> the finished machine of scenario `name`.
+
+    The first call boots every scenario the session's selected tests use.
+    """
+    wanted: list[str] = []
+    for item in request.session.items:
+        fn = getattr(item, "function", None)
+        wanted += getattr(fn, "boot_scenarios", ())
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "scenario" in callspec.params:
+            wanted.append(callspec.params["scenario"])
+
+    def get(name: str):
+        if name not in kit.results:
+            kit.boot([*wanted, name])
+        return kit.results[name]
+
+    return get
+
+
+def reached_init(result) -> None:
+    """The machine booted its hostapp's init, which reported and powered off."""
+    assert result.returncode == 0 and result.console.mark("done") is not None, result.describe()
+    assert result.console.mark("pid") == "1", result.describe()
+
+
+def lines(result) -> str:
+    return "\n".join(result.console.mobynit())
+
+
+# --- the hostapp alone --------------------------------------------------------------
+
+
+@uses("hostapp-alone")
+def test_hostapp_alone_boots_read_only_overlay(booted):
+    res = booted("hostapp-alone")
+    reached_init(res)
+    fstype, options = res.console.mark("root").split(" ", 1)
+    assert fstype == "overlay"
+    assert options.split(",")[0] == "ro"
+    assert "Read-only file system" in res.console.mark("write-root")
+    assert res.console.mark("dockerenv") == "no"
+    assert res.console.mark("active").split() == ["balena", "current", "hostapps", "lost+found"]
+    assert "/dev/vda1 /mnt/sysroot/active ext4 ro" in "\n".join(res.console.marks("mount"))
+    assert files(res)[HOSTAPP_FILE] == "hostapp"
+
+
+@uses("hostapp-alone")
+def test_boot_record_and_console_lines(booted):
+    res = booted("hostapp-alone")
+    reached_init(res)
+    record = boot_record(res)
+    assert record is not None, "no /run/mobynit/boot.json in the booted system"
+    assert record["hostapp"]["name"] == "hostapp"
+    assert record["extensions"] == []
+    boot = record["boot"]
+    assert boot["init"] == "/sbin/init"
+    assert boot["root"] == {"spec": "LABEL=resin-rootA", "device": "/dev/vda1", "fstype": "ext4"}
+    assert boot["init_start"] <= boot["python_start"] <= boot["handover"]
+    assert set(boot["phases"]) >= {"wait_root", "mount_root", "wait_data", "mount_data", "assemble", "move_mounts"}
+    said = res.console.mobynit()
+    assert "root LABEL=resin-rootA is /dev/vda1, mounted read-only" in said
+    assert any(line.startswith("handing over to /sbin/init") for line in said)
+    # Every console line is also in the kernel log the booted system reads.
+    assert int(res.console.mark("kmsg")) == len(said)
+
+
+@uses("hostapp-alone")
+def test_empty_data_store_boots_the_hostapp(booted):
+    res = booted("hostapp-alone")
+    reached_init(res)
+    assert "data LABEL=resin-data is /dev/vda2" in res.console.mobynit()
+    assert "root mounted read-only at /newroot: hostapp and 0 extensions" in res.console.mobynit()
+
+
+# --- extensions ------------------------------------------------------------------------
+
+
+def _root_order(record: dict) -> list[str]:
+    """Names of what the root overlay stacks, leftmost (highest precedence) first."""
+    names = {e["id"]: e["name"] for e in record["extensions"]}
+    names["hostapp"] = "hostapp"
+    owner_of = {op["target"]: op["owner"] for op in record["mounts"] if op["op"] == "mkdir"}
+    root = [op for op in record["mounts"] if op["op"] == "mount" and op["target"] == record["target"]][-1]
+    lower = root["options"].split("lowerdir=", 1)[1].split(",")[0].split(":")
+    return [names[owner_of[d]] for d in lower]
+
+
+@uses("extensions")
+def test_extensions_add_files_and_overrides_replace(booted):
+    res = booted("extensions")
+    reached_init(res)
+    seen = files(res)
+    # Normal extensions add files; their copy of a hostapp file loses.
+    assert seen["/usr/share/tools/hello"] == "hello from tools"
+    assert seen["/usr/share/firmware/blob"] == "firmware v2"
+    assert seen["/usr/share/hostapp/only-in-hostapp"] == "only in hostapp"
+    # Overrides replace hostapp files; the lower priority number wins (5 over 10).
+    assert seen[HOSTAPP_FILE] == "patched by urgent"
+    assert seen["/usr/share/hotfix/note"] == "override 10"
+    assert "Read-only file system" in res.console.mark("write-root")
+    assert res.console.mark("dockerenv") == "no"
+
+
+@uses("extensions")
+def test_extensions_stack_in_the_documented_order(booted):
+    res = booted("extensions")
+    reached_init(res)
+    record = boot_record(res)
+    assert _root_order(record) == ["urgent", "hotfix", "hostapp", "firmware", "tools"]
+    said = res.console.mobynit()
+    for line in ("extension urgent: included, override 5", "extension hotfix: included, override 10",
+                 "extension firmware: included, normal", "extension tools: included, normal",
+                 "root mounted read-only at /newroot: hostapp and 4 extensions"):
+        assert line in said, lines(res)
+
+
+@uses("extensions")
+def test_status_prints_the_boot_record(booted, tmp_path: Path):
+    res = booted("extensions")
+    path = tmp_path / "boot.json"
+    path.write_text(json.dumps(boot_record(res)))
+    out = subprocess.run([sys.executable, "-m", "mobynit", "status", "--record", str(path)],
+                         capture_output=True, text=True, cwd=boot_kit.REPO)
+    assert out.returncode == 0, out.stderr
+    assert "hostapp: hostapp " in out.stdout
+    assert "root partition: LABEL=resin-rootA (/dev/vda1), at /mnt/sysroot/active" in out.stdout
+    assert "  + urgent (override 5)" in out.stdout and "  + tools (normal)" in out.stdout
+    missing = subprocess.run([sys.executable, "-m", "mobynit", "status", "--record", str(tmp_path / "none.json")],
+                             capture_output=True, text=True, cwd=boot_kit.REPO)
+    assert missing.returncode == 1
+    assert "no boot record at" in missing.stderr and "Traceback" not in missing.stderr
+
+
+# --- kernel command line ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", TOGGLES)
+def test_switch_disables_extensions(booted, scenario: str):
+    res = booted(scenario)
+    reached_init(res)
+    seen = files(res)
+    assert seen[HOSTAPP_FILE] == "hostapp"
+    assert not any(p.startswith(("/usr/share/tools", "/usr/share/hotfix", "/usr/share/firmware")) for p in seen)
+    assert f"data partition not mounted: extensions disabled by {scenario}" in res.console.mobynit(), lines(res)
+    assert boot_record(res)["disabled_by"] == scenario
+
+
+@uses("switches-off")
+def test_false_values_keep_extensions_on(booted):
+    res = booted("switches-off")
+    reached_init(res)
+    assert files(res)[HOSTAPP_FILE] == "patched by urgent"
+    record = boot_record(res)
+    assert record["disabled_by"] is None
+    assert sum(e["included"] for e in record["extensions"]) == 4
+
+
+@uses("names")
+def test_partuuid_uuid_and_init(booted):
+    res = booted("names")
+    reached_init(res)
+    said = res.console.mobynit()
+    assert "root PARTUUID=6d6f6279-01 is /dev/vda1, mounted read-only" in said, lines(res)
+    assert f"data UUID={boot_kit.disk.DATA_UUID} is /dev/vda2" in said, lines(res)
+    assert res.console.mark("alt-init") == "1"  # init= ran first, as PID 1
+    assert boot_record(res)["boot"]["init"] == "/sbin/init-alt"
+    assert files(res)[HOSTAPP_FILE] == "patched by urgent"
+
+
+# --- degraded data partition: the hostapp still boots ----------------------------------
+
+
+@uses("no-data")
+def test_no_data_partition(booted):
+    res = booted("no-data")
+    reached_init(res)
+    said = res.console.mobynit()
+    assert "waiting up to 2 s for LABEL=resin-data" in said, lines(res)
+    assert any(line.startswith("data partition LABEL=resin-data did not appear within") for line in said), lines(res)
+    assert "booting without extensions: no data partition" in said
+    assert files(res)[HOSTAPP_FILE] == "hostapp"
+    assert boot_record(res)["boot"]["data"]["device"] is None
+
+
+@uses("late-data")
+def test_late_data_disk_is_picked_up_by_uevent(booted):
+    res = booted("late-data")
+    reached_init(res)
+    said = res.console.mobynit()
+    assert "waiting up to 30 s for LABEL=resin-data" in said, lines(res)
+    assert any(line.startswith("LABEL=resin-data appeared as /dev/vdb1 after") for line in said), lines(res)
+    assert files(res)[HOSTAPP_FILE] == "patched by urgent"
+
+
+@uses("no-marker")
+def test_missing_purge_marker(booted):
+    res = booted("no-marker")
+    reached_init(res)
+    assert any("remove_me_to_reset is missing" in line for line in res.console.mobynit()), lines(res)
+    assert files(res)[HOSTAPP_FILE] == "hostapp"
+    assert "/usr/share/tools/hello" not in files(res)
+
+
+@uses("corrupt")
+def test_corrupted_extensions_are_skipped_with_a_reason(booted, kit):
+    res = booted("corrupt")
+    reached_init(res)
+    said = res.console.mobynit()
+    ids = kit.disks.device("four").extensions
+    # tools' config.v2.json was cut short: its name is unknown, its id is shown.
+    tools = [line for line in said if line.startswith(f"extension {ids['tools'][:12]}: skipped: ")]
+    assert tools and f"{ids['tools']}/config.v2.json: not valid JSON" in tools[0], lines(res)
+    # firmware's image layer lost its diff directory.
+    firmware = [line for line in said if line.startswith("extension firmware: skipped: ")]
+    assert firmware and firmware[0].endswith("/diff: missing"), lines(res)
+    seen = files(res)
+    assert "/usr/share/tools/hello" not in seen and "/usr/share/firmware/blob" not in seen
+    assert seen[HOSTAPP_FILE] == "patched by urgent"  # the healthy ones are still there
+    assert "root mounted read-only at /newroot: hostapp and 2 extensions" in said
+    assert "Traceback" not in res.console.text()
+
+
+# --- a hostapp that cannot boot ---------------------------------------------------
+
+
+@uses("broken")
+def test_broken_hostapp_panics_for_the_bootloader(booted):
+    res = booted("broken")
+    assert res.returncode == 0, res.describe()  # the panic rebooted; -no-reboot made QEMU exit
+    assert res.console.mark("init-start") is None
+    said = res.console.mobynit()
+    cannot = [line for line in said if line.startswith("cannot boot: ")]
+    assert len(cannot) == 1 and "0000000000" in cannot[0], lines(res)
+    assert "no rescue shell (add mobynit.shell); panicking so the bootloader can fall back" in said
+    assert res.console.first("Kernel panic - not syncing") is not None
+    assert "Traceback" not in res.console.text()
+
+
+@uses("broken-shell")
+def test_broken_hostapp_rescue_shell(booted):
+    res = booted("broken-shell")
+    assert res.returncode == 0, res.describe()
+    assert any(line.startswith("cannot boot: ") for line in res.console.mobynit())
+    assert res.console.first(r"^RESCUE-42") is not None, res.describe()
+    assert res.console.first("Kernel panic") is None
+
+
+# --- a real distribution -----------------------------------------------------------
+
+
+@uses("debian")
+def test_debian_systemd_hostapp_reaches_its_target(booted):
+    res = booted("debian")
+    assert res.returncode == 0 and res.console.mark("done") is not None, res.describe()
+    assert res.console.mark("target") == "active"
+    assert res.console.mark("virt") == "none"  # no .dockerenv: systemd knows it is not in a container
+    assert res.console.mark("dockerenv") == "no"
+    assert res.console.mark("root").startswith("overlay ro,")
+    record = boot_record(res)
+    assert record is not None and record["hostapp"]["name"] == "debian"
+    assert files(res)["/usr/share/debian-ext/hello"] == "hello from a Debian extension"
+    assert res.console.first(r"Reached target .*Multi-User System") is not None
