@@ -222,7 +222,9 @@ def stale_reason(c: Candidate, system: System, probe: Callable[[Sequence[str], s
     the next boot would refuse for those reasons.
     """
     modules = probe(c.layers, system.kernel_release) if c.layers else None
-    verdict = policy.kernel_verdict(c.labels, modules, system.kernel_release, system.abi_token)  # type: ignore[arg-type]
+    verdict = policy.kernel_verdict(
+        c.labels, modules, system.kernel_release, system.abi_token  # type: ignore[arg-type]
+    )
     if verdict is not None:
         return verdict
     return compat.os_version_verdict(c.labels, system.os_version)
@@ -338,7 +340,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser("cleanup", help="remove dead and failed extension containers")
     c.add_argument("--stale-os", action="store_true",
-                   help="also remove those whose kernel or OS-version labels no longer match (after an OS update is committed)")
+                   help="also remove those whose kernel or OS-version labels no longer match"
+                   " (only after an OS update is committed)")
     c.add_argument("--os-release", default="/etc/os-release", help="where VERSION_ID is read (default /etc/os-release)")
     c.add_argument("--kernel-release", help="the running kernel release (default: uname -r)")
     c.add_argument("--cmdline", default="/proc/cmdline", help="the kernel command line file (default /proc/cmdline)")

@@ -421,19 +421,19 @@ def spawn_proxy(console_socket: str | None) -> tuple[int, int]:
             raise RuntimeFailure(f"cannot hand the terminal to console socket {console_socket}: {e.strerror}") from None
         finally:
             os.close(master)
-    for _ in range(1000):  # the child exists; /proc shows it at once, this is belt and braces
-        st = proc_stat(pid)
-        if st is not None:
-            return pid, st[1]
-        time.sleep(0.001)
-    raise RuntimeFailure(f"proxy process {pid} vanished right after fork")
+    st = proc_stat(pid)  # our child until we exit: its /proc entry stays, even as a zombie
+    if st is None:
+        raise RuntimeFailure(f"proxy process {pid} has no /proc entry right after fork")
+    return pid, st[1]
 
 
 def _proxy(tty: int) -> None:
     try:
         os.setsid()
         if tty >= 0:
-            fcntl.ioctl(tty, __import__("termios").TIOCSCTTY, 0)
+            import termios
+
+            fcntl.ioctl(tty, termios.TIOCSCTTY, 0)
             for fd in (0, 1, 2):
                 os.dup2(tty, fd)
         os.closerange(3, 65536)
@@ -483,6 +483,9 @@ class State(Record):
     labels: dict[str, str]
     volumes: dict[str, str]
 
+    def hook_env(self) -> dict[str, str]:
+        return hook_env(self.rootfs, self.labels, self.volumes)
+
     def proxy_alive(self) -> bool:
         st = proc_stat(self.pid)
         return st is not None and st[0] not in ("Z", "X", "x") and st[1] == self.proxy_start
@@ -494,11 +497,12 @@ class State(Record):
         return self.status
 
     def oci(self) -> dict:
+        status = self.current_status()
         return {
             "ociVersion": OCI_VERSION,
             "id": self.id,
-            "status": self.current_status(),
-            "pid": self.pid if self.current_status() == CREATED else 0,
+            "status": status,
+            "pid": self.pid if status == CREATED else 0,
             "bundle": self.bundle,
             "rootfs": self.rootfs,
             "created": self.created,
@@ -530,7 +534,8 @@ class State(Record):
             )
         except (KeyError, TypeError) as e:
             raise RuntimeFailure(f"state file {path} lacks field {e}") from None
-        if state.status not in (CREATED, STOPPED) or not isinstance(state.pid, int) or not isinstance(state.proxy_start, int):
+        numbers = (state.pid, state.proxy_start)
+        if state.status not in (CREATED, STOPPED) or not all(type(n) is int for n in numbers):
             raise RuntimeFailure(f"state file {path} has a bad status or pid")
         return state
 
@@ -674,7 +679,7 @@ def cmd_start(opts: Options, cid: str) -> None:
         status = state.current_status()
         if status != CREATED:
             raise RuntimeFailure(f"cannot start container {cid}: it is {status}, not created")
-        run_hook(f"{state.rootfs}/hooks/start", hook_env(state.rootfs, state.labels, state.volumes), opts.log, cwd=state.rootfs)
+        run_hook(f"{state.rootfs}/hooks/start", state.hook_env(), opts.log, cwd=_cwd(state.rootfs))
         ctr.save(state.replace(status=STOPPED))
         _signal_proxy(state, signal.SIGUSR1)
         opts.log("info", f"started extension {cid}: it is installed and stopped")
@@ -688,7 +693,7 @@ def cmd_kill(opts: Options, cid: str, sig: int) -> None:
         _signal_proxy(state, sig)
         if state.status != STOPPED:
             ctr.save(state.replace(status=STOPPED))
-        opts.log("info", f"sent {signal.Signals(sig).name if sig in signal.valid_signals() else sig} to extension {cid}")
+        opts.log("info", f"sent {signal.Signals(sig).name} to extension {cid}")
 
 
 def cmd_delete(opts: Options, cid: str, force: bool) -> None:
@@ -705,7 +710,7 @@ def cmd_delete(opts: Options, cid: str, force: bool) -> None:
         if state.proxy_alive():
             _signal_proxy(state, signal.SIGKILL)
         try:
-            run_hook(f"{state.rootfs}/hooks/delete", hook_env(state.rootfs, state.labels, state.volumes), opts.log, cwd=_cwd(state.rootfs))
+            run_hook(f"{state.rootfs}/hooks/delete", state.hook_env(), opts.log, cwd=_cwd(state.rootfs))
         except RuntimeFailure:
             if force:
                 ctr.remove()
@@ -778,7 +783,9 @@ COMMANDS: dict[str, dict[str, bool]] = {
 }
 ALIASES = {"b": "bundle", "a": "all", "f": "force"}
 ARITY = {"create": (1, 1), "start": (1, 1), "state": (1, 1), "kill": (1, 2), "delete": (1, 1), "features": (0, 0)}
-PROCESS_COMMANDS = ("exec", "run", "ps", "pause", "resume", "update", "events", "checkpoint", "restore", "spec", "list", "init")
+PROCESS_COMMANDS = (
+    "exec", "run", "ps", "pause", "resume", "update", "events", "checkpoint", "restore", "spec", "list", "init",
+)
 
 USAGE = f"""usage: {PROG} [--root DIR] [--log FILE] [--log-format text|json] [--systemd-cgroup] [--debug]
                        [--engine-root DIR] COMMAND [OPTIONS] ID
@@ -799,7 +806,9 @@ environment: {ENGINE_ROOT_ENV} (engine data-root, default {DEFAULT_ENGINE_ROOT})
 """
 
 
-def parse_flags(args: Sequence[str], table: Mapping[str, bool], where: str, stop_at_positional: bool) -> tuple[dict[str, str | bool], list[str]]:
+def parse_flags(
+    args: Sequence[str], table: Mapping[str, bool], where: str, stop_at_positional: bool
+) -> tuple[dict[str, str | bool], list[str]]:
     """runc's flag syntax: `--name value`, `--name=value`, `-name`, `-b value`."""
     flags: dict[str, str | bool] = {}
     rest: list[str] = []
@@ -855,7 +864,8 @@ def run(argv: Sequence[str], log: Log) -> int:
     flags, positional = parse_flags(args, COMMANDS[command], f"{PROG} {command}", stop_at_positional=False)
     low, high = ARITY[command]
     if not low <= len(positional) <= high:
-        raise UsageError(f"{PROG} {command}: expected {'an ID' if high == 1 else 'ID [SIGNAL]' if high else 'no arguments'}, got {len(positional)} arguments")
+        wanted = {0: "no arguments", 1: "an ID", 2: "ID [SIGNAL]"}[high]
+        raise UsageError(f"{PROG} {command}: expected {wanted}, got {len(positional)} arguments")
     engine_root = str(gflags.get("engine-root") or os.environ.get(ENGINE_ROOT_ENV) or DEFAULT_ENGINE_ROOT)
     opts = Options(root=str(gflags.get("root", DEFAULT_ROOT)).rstrip("/") or "/", log=log, engine_root=engine_root)
     if command == "create":
