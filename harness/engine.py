@@ -89,6 +89,7 @@ class Engine:
         self._ns_fd = -1
         self._log_file: Any = None
         self._terminated = False
+        self.last_log = ""  # dockerd's whole log, kept by stop() when its private dir goes
 
     # --- paths -------------------------------------------------------------
 
@@ -213,7 +214,7 @@ class Engine:
         try:
             text = self.log_path.read_text(errors="replace")
         except (OSError, EngineError):
-            return "(no log)"
+            text = self.last_log or "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
     def _own_processes(self) -> list[int]:
@@ -271,6 +272,10 @@ class Engine:
             os.close(self._ns_fd)
             self._ns_fd = -1
         if self.private_dir is not None:
+            try:
+                self.last_log = self.log_path.read_text(errors="replace")
+            except OSError:
+                pass
             shutil.rmtree(self.private_dir, ignore_errors=True)
             self.private_dir = None
         _live.discard(self)
