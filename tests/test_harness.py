@@ -373,6 +373,14 @@ def test_namespace_teardown_is_quiet_when_clean(tmp_path: Path) -> None:
     assert os.getcwd() == str(tmp_path), "setns resets the cwd; leave() restores it"
 
 
+def test_each_test_has_its_own_mount_namespace() -> None:
+    ours = os.stat("/proc/self/ns/mnt").st_ino
+    assert ours != os.stat("/proc/1/ns/mnt").st_ino
+    with mounts.PrivateNamespace():
+        assert os.stat("/proc/self/ns/mnt").st_ino != ours
+    assert os.stat("/proc/self/ns/mnt").st_ino == ours
+
+
 def test_mountinfo_unescapes_paths(tmp_path: Path) -> None:
     target = tmp_path / "with space"
     target.mkdir()
