@@ -44,7 +44,7 @@ class Layout(Record):
     purge_marker: str | None
 
 
-def layout(
+def locate(
     sysroot: str,
     data: str | None = None,
     *,
@@ -109,24 +109,53 @@ def select(where: Layout, cmdline: Cmdline, kernel_release: str, *, extensions: 
 
 
 def make_plan(
-    sel: Selection, *, target: str, workdir: str, page_size: int, exclude: Mapping[str, str] | None = None
+    sel: Selection,
+    *,
+    target: str,
+    workdir: str,
+    page_size: int,
+    exclude: Mapping[str, str] | None = None,
+    mechanism: str | None = None,
+    layout: str | None = None,
 ) -> Plan:
+    """The plan boot would run: flat when the layers' recorded facts prove it
+    means the same as nested, nested otherwise."""
     decisions: Sequence[Decision] = sel.decisions
     if exclude:
         decisions = [d.drop(exclude[d.extension.id]) if d.included and d.extension.id in exclude else d for d in decisions]
-    try:
-        return planner.build(
-            sel.hostapp,
-            decisions,
-            target=target,
-            workdir=workdir,
-            page_size=page_size,
-            kernel_release=sel.kernel_release,
-            disabled_by=sel.disabled_by,
-            disabled_reason=sel.disabled_reason,
-        )
-    except ValueError as e:
-        raise HostappError(str(e)) from None
+    if mechanism is None:
+        mechanism = planner.FSCONFIG if planner.lowerdir_plus_supported(sel.kernel_release) else planner.MOUNT
+
+    def build(layout: str, why: str | None) -> Plan:
+        try:
+            return planner.build(
+                sel.hostapp, decisions, target=target, workdir=workdir, page_size=page_size,
+                kernel_release=sel.kernel_release, disabled_by=sel.disabled_by, disabled_reason=sel.disabled_reason,
+                layout=layout, layout_reason=why, mechanism=mechanism,
+            )
+        except ValueError as e:
+            raise HostappError(str(e)) from None
+
+    if layout is not None:
+        return build(layout, "asked for")
+    flat = build(planner.FLAT, None)
+    if not flat.included:
+        return flat
+    conflict = flat_conflict(flat)
+    return flat if conflict is None else build(planner.NESTED, conflict)
+
+
+def flat_conflict(plan: Plan) -> str | None:
+    """Why this flat plan would not mean what the nested layout means, or None."""
+    from mobynit import facts
+
+    stacks = []
+    for d in (*[d for d in plan.included if d.position == OVERRIDE], None, *[d for d in plan.included if d.position != OVERRIDE]):
+        c = plan.hostapp if d is None else d.extension.container
+        assert c is not None
+        layer_facts = tuple(facts.load(os.path.dirname(layer.path), layer.id) for layer in c.layers)
+        stacks.append(facts.Stack(name=c.name, dirs=tuple(layer.path for layer in c.layers), facts=layer_facts))
+    return facts.flat_conflict(stacks)
 
 
 class OperationFailed(MountError):
@@ -152,7 +181,7 @@ def execute(operations: Sequence[Operation]) -> None:
 
 
 def mount_plan(
-    sel: Selection, *, target: str, workdir: str, page_size: int, log: Callable[[str], None]
+    sel: Selection, *, target: str, workdir: str, page_size: int, log: Callable[[str], None], layout: str | None = None
 ) -> tuple[Plan, list[str]]:
     """Execute a plan; when the kernel refuses an extension, rebuild without it.
 
@@ -160,11 +189,20 @@ def mount_plan(
     """
     exclude: dict[str, str] = {}
     fallbacks: list[str] = []
+    mechanism: str | None = None
     while True:
-        plan = make_plan(sel, target=target, workdir=workdir, page_size=page_size, exclude=exclude)
+        plan = make_plan(
+            sel, target=target, workdir=workdir, page_size=page_size, exclude=exclude, mechanism=mechanism, layout=layout
+        )
         try:
             execute(plan.operations)
         except OperationFailed as e:
+            if isinstance(e.op, planner.FsMount):
+                reason = f"the new mount API refused the root ({e}); using mount(2)"
+                mechanism = planner.MOUNT
+                fallbacks.append(reason)
+                log(f"fallback: {reason}")
+                continue
             owner = e.op.owner
             included = [d.extension.id for d in plan.decisions if d.included]
             if owner == planner.HOSTAPP or not included:
@@ -216,13 +254,14 @@ def assemble(
     data_store: str | None = None,
     purge_marker: str | None = None,
     extensions: bool = True,
+    layout: str | None = None,
 ) -> dict[str, object]:
     """Mount the read-only root at `target`; return the record of what was done."""
     t0 = time.perf_counter()
-    where = layout(sysroot, data, hostapp_store=hostapp_store, data_store=data_store, purge_marker=purge_marker)
+    where = locate(sysroot, data, hostapp_store=hostapp_store, data_store=data_store, purge_marker=purge_marker)
     sel = select(where, Cmdline(cmdline), kernel_release, extensions=extensions)
     t1 = time.perf_counter()
-    plan, fallbacks = mount_plan(sel, target=target, workdir=workdir, page_size=page_size, log=log)
+    plan, fallbacks = mount_plan(sel, target=target, workdir=workdir, page_size=page_size, log=log, layout=layout)
     t2 = time.perf_counter()
     for line in describe_selection(plan):
         log(line)

@@ -44,6 +44,11 @@ def _workdir_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default=DEFAULT_WORKDIR, metavar="DIR", help=f"where intermediate mounts go (default: {DEFAULT_WORKDIR})")
 
 
+def _layout_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layout", choices=("auto", "nested"), default="auto",
+                   help="auto: flat when the layers' facts allow it, else nested (default); nested: always nest")
+
+
 def parser() -> argparse.ArgumentParser:
     import argparse
 
@@ -60,6 +65,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=DEFAULT_TARGET, metavar="DIR", help=f"where the root would be mounted (default: {DEFAULT_TARGET})")
     _workdir_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON document (see docs/plan-json.md)")
+    _layout_arg(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("mount", help="mount a sysroot's hostapp read-only and print where")
@@ -74,11 +80,18 @@ def parser() -> argparse.ArgumentParser:
     _kernel_args(p)
     p.add_argument("--target", required=True, metavar="DIR", help="mount point of the new root")
     _workdir_arg(p)
+    _layout_arg(p)
     rec = p.add_mutually_exclusive_group()
     rec.add_argument("--record", default=DEFAULT_RECORD, metavar="FILE", help=f"where to write what was done (default: {DEFAULT_RECORD})")
     rec.add_argument("--no-record", dest="record", action="store_const", const=None, help="write no record")
     p.add_argument("--quiet", action="store_true", help="no decision lines on stderr")
     p.set_defaults(func=cmd_assemble)
+
+    p = sub.add_parser("index", help="record each layer's whiteouts and opaque dirs, so boot can mount flat")
+    _layout_args(p)
+    p.add_argument("--kernel-release", metavar="REL", help=argparse.SUPPRESS)
+    p.add_argument("--force", action="store_true", help="walk layers again even if their facts are recorded")
+    p.set_defaults(func=cmd_index)
 
     _register_extra(sub)
     return top
@@ -96,9 +109,9 @@ def _register_extra(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _layout(args: argparse.Namespace) -> Layout:
-    from mobynit.assemble import layout
+    from mobynit.assemble import locate
 
-    return layout(
+    return locate(
         args.sysroot,
         getattr(args, "data", None),
         hostapp_store=args.hostapp_store,
@@ -131,7 +144,11 @@ def _plan(args: argparse.Namespace) -> Plan:
     from mobynit.cmdline import Cmdline
 
     sel = select(_layout(args), Cmdline(_cmdline_text(args)), args.kernel_release or os.uname().release)
-    return make_plan(sel, target=args.target, workdir=args.workdir, page_size=_page_size(args))
+    return make_plan(sel, target=args.target, workdir=args.workdir, page_size=_page_size(args), layout=_layout_choice(args))
+
+
+def _layout_choice(args: argparse.Namespace) -> str | None:
+    return None if args.layout == "auto" else args.layout
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -211,12 +228,32 @@ def cmd_assemble(args: argparse.Namespace) -> int:
         hostapp_store=where.hostapp_store,
         data_store=where.data_store,
         purge_marker=where.purge_marker,
+        layout=_layout_choice(args),
     )
     if args.record:
         try:
             write_record(args.record, record)
         except OSError as e:
             log(f"warning: cannot write the record {args.record}: {e.strerror}")
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """Walk every layer of the hostapp and of each readable extension once."""
+    import os.path
+
+    from mobynit import facts
+    from mobynit.assemble import select
+    from mobynit.cmdline import Cmdline
+
+    sel = select(_layout(args), Cmdline(""), args.kernel_release or os.uname().release)
+    containers = [sel.hostapp] + [d.extension.container for d in sel.decisions if d.extension.container]
+    layers = {layer.id: os.path.dirname(layer.path) for c in containers for layer in c.layers}
+    try:
+        written = facts.index(sorted(layers.items()), force=args.force)
+    except OSError as e:
+        raise MobynitError(f"cannot record layer facts: {e.filename}: {e.strerror}") from None
+    print(f"{len(written)} of {len(layers)} layers indexed")
     return 0
 
 

@@ -5,12 +5,23 @@ objects, so what a user reads is what the boot does. Building a plan is pure:
 it takes the hostapp, the ordered decisions and the limits, and it is where
 extensions that do not fit the kernel's limits are dropped.
 
-The layout mirrors the reference tool (nested): each container's layers are
-mounted as their own read-only overlay under the work directory, so that
-whiteouts act only inside the image that carries them; the root is an
-overlay of those, `lowerdir=<overrides>:<hostapp>:<normal extensions>`; the
-intermediate mounts are then detached (the root keeps its own references
-to them) so the booted system does not see them.
+Two layouts give the same files:
+
+- flat: one read-only overlay of every layer, `<override layers>:<hostapp
+  layers>:<normal layers>`. Stacking depth 1, so the booted system can still
+  stack an overlay (systemd-sysext, a container engine) on its root. Only
+  valid when no image's whiteouts or opaque directories reach an image below
+  it; the caller decides that (see facts.py).
+- nested (the reference tool's): each image's layers are their own overlay
+  under the work directory, the root an overlay of those, the intermediate
+  mounts detached afterwards. Always valid; depth 2.
+
+Two mechanisms put the lower layers in: the new mount API (`fsconfig
+lowerdir+`, one layer per call, kernels >= 6.8) has no length limit; mount(2)
+carries all options in one page, so layers are named by short relative names
+(links in a directory of ours for flat, the store's `l/` links for each
+image, mount point numbers for the nested root), which fits 500 layers in
+a 4 KiB page.
 """
 
 from __future__ import annotations
@@ -21,12 +32,27 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from mobynit.model import Container, Decision
+    from mobynit.model import Container, Decision, Layer
 
 MAX_LOWER = 500  # overlayfs: OVL_MAX_STACK
+FSCONFIG_VALUE_MAX = 255  # fsconfig() copies at most 256 bytes, NUL included
 EMPTY = "empty"  # a lower dir with nothing in it, for one-layer images
+LINKS = "l"  # the flat mount(2) layout's directory of short layer links
 HOSTAPP = "hostapp"  # owner tag of the hostapp's operations
 ROOT = "root"  # owner tag of the root mount
+FLAT = "flat"
+NESTED = "nested"
+FSCONFIG = "fsconfig"
+MOUNT = "mount"
+
+
+def lowerdir_plus_supported(kernel_release: str) -> bool:
+    """overlayfs takes `lowerdir+` through fsconfig() from Linux 6.8 on."""
+    head = kernel_release.split("-", 1)[0].split(".")
+    try:
+        return (int(head[0]), int(head[1]) if len(head) > 1 else 0) >= (6, 8)
+    except ValueError:
+        return False
 
 
 class Operation(Record):
@@ -46,6 +72,12 @@ class Operation(Record):
         """Revert a successful execute(), when a later step fails."""
 
 
+def _op_json(op: str, *, target: str, owner: str, source: str | None = None, fstype: str | None = None,
+             options: str | None = None, flags: Sequence[str] = (), cwd: str | None = None) -> dict[str, object]:
+    return {"op": op, "source": source, "target": target, "fstype": fstype, "options": options,
+            "flags": list(flags), "cwd": cwd, "owner": owner}
+
+
 class MakeDir(Operation):
     """Create a mount point (and its parents) under the work directory."""
 
@@ -56,7 +88,7 @@ class MakeDir(Operation):
         return f"mkdir -p {self.path}"
 
     def as_json(self) -> dict[str, object]:
-        return {"op": "mkdir", "source": None, "target": self.path, "fstype": None, "options": None, "flags": [], "cwd": None, "owner": self.owner}
+        return _op_json("mkdir", target=self.path, owner=self.owner)
 
     def execute(self) -> None:
         import os
@@ -77,44 +109,136 @@ class Mount(Operation):
 
     def describe(self) -> str:
         where = f"cd {self.cwd} && " if self.cwd else ""
-        opts = ",".join((*self.flags, self.options)) if self.options else ",".join(self.flags)
-        return f"{where}mount -t {self.fstype} {self.source} {self.target} -o {opts}"
+        return f"{where}mount -t {self.fstype} {self.source} {self.target} -o {','.join((*self.flags, self.options))}"
 
     def as_json(self) -> dict[str, object]:
-        return {
-            "op": "mount",
-            "source": self.source,
-            "target": self.target,
-            "fstype": self.fstype,
-            "options": self.options,
-            "flags": list(self.flags),
-            "cwd": self.cwd,
-            "owner": self.owner,
-        }
+        return _op_json("mount", source=self.source, target=self.target, fstype=self.fstype, options=self.options,
+                        flags=self.flags, cwd=self.cwd, owner=self.owner)
+
+    def execute(self) -> None:
+        from mobynit import syscalls
+
+        flags = 0
+        for name in self.flags:
+            flags |= _FLAG_BITS[name]
+        with _cwd(self.cwd):
+            syscalls.mount(self.source, self.target, self.fstype, flags, self.options)
+
+    def undo(self) -> None:
+        from mobynit import syscalls
+
+        syscalls.umount(self.target, syscalls.MNT_DETACH)
+
+
+class FsMount(Operation):
+    """An overlay made with the new mount API: one `lowerdir+` per layer, no page limit.
+
+    `layers` are (cwd, path) pairs, top first: each path is resolved from its
+    cwd (the store's overlay2 directory), which keeps every value short.
+    """
+
+    __slots__ = ("target", "layers", "owner")
+    target: str
+    layers: tuple[tuple[str | None, str], ...]
+
+    @property
+    def options(self) -> str:
+        return ",".join(f"lowerdir+={path}" for _, path in self.layers)
+
+    def describe(self) -> str:
+        lines = [f"fsopen overlay -> {self.target} (ro, {len(self.layers)} lower layers, top first):"]
+        cwd = None
+        for where, path in self.layers:
+            if where != cwd:
+                lines.append(f"    cd {where}" if where else "    cd /")
+                cwd = where
+            lines.append(f"    fsconfig lowerdir+={path}")
+        return "\n".join(lines)
+
+    def as_json(self) -> dict[str, object]:
+        doc = _op_json("fsmount", source="overlay", target=self.target, fstype="overlay", options=self.options,
+                       flags=("ro",), owner=self.owner)
+        doc["layers"] = [[cwd, path] for cwd, path in self.layers]
+        return doc
 
     def execute(self) -> None:
         import os
 
         from mobynit import syscalls
 
-        flags = 0
-        for name in self.flags:
-            flags |= _FLAG_BITS[name]
-        if self.cwd is None:
-            syscalls.mount(self.source, self.target, self.fstype, flags, self.options)
-            return
-        back = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fs = syscalls.fsopen("overlay")
         try:
-            os.chdir(self.cwd)
-            syscalls.mount(self.source, self.target, self.fstype, flags, self.options)
+            for cwd, path in self.layers:
+                with _cwd(cwd):
+                    syscalls.fsconfig_string(fs, "lowerdir+", path)
+            syscalls.fsconfig_create(fs)
+            mnt = syscalls.fsmount(fs, syscalls.MOUNT_ATTR_RDONLY)
         finally:
-            os.fchdir(back)
-            os.close(back)
+            os.close(fs)
+        try:
+            syscalls.move_mount_to(mnt, self.target)
+        finally:
+            os.close(mnt)
 
     def undo(self) -> None:
         from mobynit import syscalls
 
         syscalls.umount(self.target, syscalls.MNT_DETACH)
+
+
+class LinkLayers(Operation):
+    """Short symlinks to layer directories, so that mount(2)'s one page holds 500 of them."""
+
+    __slots__ = ("directory", "links", "owner")
+    directory: str
+    links: tuple[tuple[str, str], ...]  # (name, absolute layer directory)
+
+    def describe(self) -> str:
+        return "\n".join([f"mkdir -p {self.directory}"] + [f"    ln -s {t} {self.directory}/{n}" for n, t in self.links])
+
+    def as_json(self) -> dict[str, object]:
+        doc = _op_json("symlinks", target=self.directory, owner=self.owner)
+        doc["links"] = [[name, target] for name, target in self.links]
+        return doc
+
+    def execute(self) -> None:
+        import os
+
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        for name, target in self.links:
+            path = f"{self.directory}/{name}"
+            try:
+                os.symlink(target, path)
+            except FileExistsError:  # a previous attempt's: replace it
+                os.unlink(path)
+                os.symlink(target, path)
+
+    def undo(self) -> None:
+        RemoveLinks(directory=self.directory, names=tuple(n for n, _ in self.links), owner=self.owner).execute()
+
+
+class RemoveLinks(Operation):
+    """The layer links are only needed while mount(2) resolves them."""
+
+    __slots__ = ("directory", "names", "owner")
+    directory: str
+    names: tuple[str, ...]
+
+    def describe(self) -> str:
+        return f"rm -r {self.directory} ({len(self.names)} links)"
+
+    def as_json(self) -> dict[str, object]:
+        return _op_json("unlink", target=self.directory, owner=self.owner)
+
+    def execute(self) -> None:
+        import os
+
+        for name in self.names:
+            try:
+                os.unlink(f"{self.directory}/{name}")
+            except FileNotFoundError:
+                pass
+        os.rmdir(self.directory)
 
 
 class Detach(Operation):
@@ -127,7 +251,7 @@ class Detach(Operation):
         return f"umount --lazy {self.target}"
 
     def as_json(self) -> dict[str, object]:
-        return {"op": "detach", "source": None, "target": self.target, "fstype": None, "options": None, "flags": ["detach"], "cwd": None, "owner": self.owner}
+        return _op_json("detach", target=self.target, flags=("detach",), owner=self.owner)
 
     def execute(self) -> None:
         from mobynit import syscalls
@@ -143,7 +267,7 @@ class RemoveDir(Operation):
         return f"rmdir {self.path}"
 
     def as_json(self) -> dict[str, object]:
-        return {"op": "rmdir", "source": None, "target": self.path, "fstype": None, "options": None, "flags": [], "cwd": None, "owner": self.owner}
+        return _op_json("rmdir", target=self.path, owner=self.owner)
 
     def execute(self) -> None:
         import os
@@ -154,10 +278,35 @@ class RemoveDir(Operation):
 _FLAG_BITS = {"ro": 0x1, "nosuid": 0x2, "nodev": 0x4}
 
 
+class _cwd:
+    """Run a mount call from `path` (relative lower dirs resolve there), then come back."""
+
+    __slots__ = ("path", "back")
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.back = -1
+
+    def __enter__(self) -> None:
+        if self.path is not None:
+            import os
+
+            self.back = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.chdir(self.path)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.back >= 0:
+            import os
+
+            os.fchdir(self.back)
+            os.close(self.back)
+
+
 class Plan(Record):
     """Everything boot will do, and why: printed by `plan`, executed by `assemble`."""
 
-    __slots__ = ("hostapp", "decisions", "disabled_by", "disabled_reason", "operations", "page_size", "kernel_release", "target")
+    __slots__ = ("hostapp", "decisions", "disabled_by", "disabled_reason", "operations", "page_size",
+                 "kernel_release", "target", "layout", "layout_reason", "mechanism")
     hostapp: Container
     decisions: tuple[Decision, ...]
     disabled_by: str | None
@@ -166,10 +315,17 @@ class Plan(Record):
     page_size: int
     kernel_release: str
     target: str
+    layout: str
+    layout_reason: str | None
+    mechanism: str
 
     @property
     def included(self) -> list[Decision]:
         return [d for d in self.decisions if d.included]
+
+    @property
+    def stacking_depth(self) -> int:
+        return 2 if self.layout == NESTED and self.included else 1
 
     def as_json(self) -> dict[str, object]:
         h = self.hostapp
@@ -182,6 +338,10 @@ class Plan(Record):
             "kernel_release": self.kernel_release,
             "page_size": self.page_size,
             "target": self.target,
+            "layout": self.layout,
+            "layout_reason": self.layout_reason,
+            "mechanism": self.mechanism,
+            "stacking_depth": self.stacking_depth,
             "mounts": [op.as_json() for op in self.operations],
         }
 
@@ -203,32 +363,75 @@ def _decision_json(d: Decision) -> dict[str, object]:
     return doc
 
 
-def lowerdir(container: Container, empty: str) -> tuple[str, str | None]:
-    """(options, cwd) mounting one container's layers read-only.
+def _fits(options_len: int, entries: int, page_size: int | None) -> str | None:
+    """Why a mount would fail, or None; page_size None: no length limit (fsconfig)."""
+    if page_size is not None and options_len > page_size - 1:
+        return f"{options_len} bytes of mount options, more than the {page_size - 1} a {page_size}-byte page holds"
+    if entries > MAX_LOWER:
+        return f"{entries} lower layers, more than overlayfs's {MAX_LOWER}"
+    return None
 
-    Layers are named by the store's short `l/` links, relative to its
-    overlay2 directory as Docker does, which keeps the options short; an
-    overlay without an upper dir needs two lower dirs, so a one-layer image
+
+def short_name(i: int) -> str:
+    """0..9, a..z, 10..: the shortest names for the i-th layer link or mount point."""
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = digits[i % 36]
+    i //= 36
+    while i:
+        out = digits[i % 36] + out
+        i //= 36
+    return out
+
+
+def _joined_len(names_count: int, first: int = 0) -> int:
+    """Length of ":".join(short_name(i) for i in range(first, first + n))."""
+    return sum(len(short_name(i)) + 1 for i in range(first, first + names_count)) - (1 if names_count else 0)
+
+
+def _layers(c: Container) -> int:
+    return len(c.layers)
+
+
+def _order(kept: Sequence[Decision], hostapp: object) -> list[object]:
+    """Overrides, the hostapp, normal extensions: `kept` is already in mount order."""
+    return [*(d for d in kept if d.position == OVERRIDE), hostapp, *(d for d in kept if d.position != OVERRIDE)]
+
+
+def _container(item: object, hostapp: Container) -> Container:
+    if item is hostapp:
+        return hostapp
+    c = item.extension.container  # type: ignore[attr-defined]
+    assert c is not None
+    return c
+
+
+def _flat_layers(order: Sequence[object], hostapp: Container) -> list[tuple[str, Layer]]:
+    """Every layer top first, each once: images built on the same base share layer
+    directories, which one overlay must not list twice (ELOOP). The lower copy
+    of a shared layer is shadowed by its identical upper copy, so dropping it
+    changes no file."""
+    seen: set[str] = set()
+    out = []
+    for item in order:
+        c = _container(item, hostapp)
+        for layer in c.layers:
+            if layer.path not in seen:
+                seen.add(layer.path)
+                out.append((c.overlay2, layer))
+    return out
+
+
+def _stack_mount(container: Container, target: str, empty: str, owner: str) -> Mount:
+    """Mount one image's layers by the store's short `l/` links, as Docker does.
+
+    An overlay without an upper dir needs two lower dirs, so a one-layer image
     gets an empty one below it (which also keeps its whiteouts inert).
     """
     dirs = [layer.link for layer in container.layers]
     if len(dirs) == 1:
         dirs.append(empty)
-    return "lowerdir=" + ":".join(dirs), container.overlay2
-
-
-def _stack_mount(container: Container, target: str, empty: str, owner: str) -> Mount:
-    options, cwd = lowerdir(container, empty)
-    return Mount(source="overlay", target=target, fstype="overlay", options=options, flags=("ro",), cwd=cwd, owner=owner)
-
-
-def _fits(options: str, entries: int, page_size: int) -> str | None:
-    """Why a mount with these options would fail, or None."""
-    if len(options) > page_size - 1:
-        return f"{len(options)} bytes of mount options, more than the {page_size - 1} a {page_size}-byte page holds"
-    if entries > MAX_LOWER:
-        return f"{entries} lower layers, more than overlayfs's {MAX_LOWER}"
-    return None
+    return Mount(source="overlay", target=target, fstype="overlay", options="lowerdir=" + ":".join(dirs),
+                 flags=("ro",), cwd=container.overlay2, owner=owner)
 
 
 def build(
@@ -241,63 +444,90 @@ def build(
     kernel_release: str = "",
     disabled_by: str | None = None,
     disabled_reason: str | None = None,
+    layout: str = NESTED,
+    layout_reason: str | None = None,
+    mechanism: str = MOUNT,
 ) -> Plan:
     """The operations for this hostapp and these (ordered) decisions.
 
     Raises ValueError if the hostapp alone cannot be mounted within the limits.
-    Extensions that cannot are dropped, each with its reason: first any whose
-    own layers overflow a mount, then, while the root's lower list does not
-    fit, normal extensions from the last, then overrides from the lowest priority.
+    Extensions that cannot are dropped, each with its reason: in the nested
+    layout first any whose own layers overflow a mount; then, while the root
+    does not fit, normal extensions from the last, then overrides from the
+    lowest priority. The same input always gives the same plan.
     """
     workdir = workdir.rstrip("/") or "/"
-    if not workdir.startswith("/") or any(c in workdir for c in ":,\\\n"):
-        raise ValueError(f"work directory {workdir!r} must be absolute and free of ':', ',', '\\' and newlines")
+    if not workdir.startswith("/") or any(c in workdir for c in ":,\\\n") or len(workdir) > 200:
+        raise ValueError(f"work directory {workdir!r} must be absolute, at most 200 bytes, and free of ':', ',', '\\' and newlines")
+    if layout not in (FLAT, NESTED) or mechanism not in (FSCONFIG, MOUNT):
+        raise ValueError(f"unknown layout {layout!r} or mechanism {mechanism!r}")
     empty = f"{workdir}/{EMPTY}"
-    host_mount = _stack_mount(hostapp, target, empty, HOSTAPP)
-    problem = _fits(host_mount.options, len(hostapp.layers) + 1, page_size)
+    limit = None if (layout == FLAT and mechanism == FSCONFIG) else page_size
+
+    host_alone = _stack_mount(hostapp, target, empty, HOSTAPP)
+    problem = _fits(len(host_alone.options), len(host_alone.options.split(":")), page_size)
     if problem:
         raise ValueError(f"hostapp {hostapp.name} ({hostapp.id[:12]}) cannot be mounted: {problem}")
 
     final: list[Decision] = []
-    stacks: list[tuple[Decision, Mount]] = []
+    kept: list[Decision] = []
     for d in decisions:
-        if d.included:
-            assert d.extension.container is not None
-            mnt = _stack_mount(d.extension.container, f"{workdir}/{len(stacks)}", empty, d.extension.id)
-            problem = _fits(mnt.options, len(d.extension.container.layers) + 1, page_size)
+        if d.included and layout == NESTED:
+            own = _stack_mount(_container(d, hostapp), "", empty, d.extension.id)
+            problem = _fits(len(own.options), len(own.options.split(":")), page_size)
             if problem:
                 d = d.drop(f"does not fit in one mount: {problem}")
-            else:
-                stacks.append((d, mnt))
+        if d.included:
+            kept.append(d)
         final.append(d)
 
-    # Fit the root's lower list: the kept extensions are a prefix of the mount order.
-    host_stack = host_mount.replace(target=f"{workdir}/{HOSTAPP}")
+    def root_problem(kept: Sequence[Decision]) -> str | None:
+        if layout == NESTED:
+            n = len(kept) + 1  # one mount point per image, named relative to the work directory
+            return _fits(len("lowerdir=") + _joined_len(len(kept)) + 1 + len(HOSTAPP), n, limit)
+        n = len(_flat_layers(_order(kept, hostapp), hostapp))
+        return _fits(len("lowerdir=") + _joined_len(n), n, limit)
+
     dropped: dict[str, str] = {}
-    while stacks:
-        problem = _fits(_root_options(stacks, host_stack), len(stacks) + 1, page_size)
-        if problem is None:
-            break
-        d, _ = stacks.pop()
+    while kept and (problem := root_problem(kept)):
+        d = kept.pop()
         dropped[d.extension.id] = f"dropped to fit the root mount: with it, {problem}"
     final = [d.drop(dropped[d.extension.id]) if d.extension.id in dropped else d for d in final]
+    order = _order(kept, hostapp)
 
     ops: list[Operation] = []
-    if len(hostapp.layers) == 1 or any(len(_layers_of(d)) == 1 for d, _ in stacks):
-        ops.append(MakeDir(path=empty, owner=HOSTAPP))
-    if not stacks:
-        ops.append(host_mount)
-    else:
-        ordered = _root_order(stacks, host_stack)
-        for m in ordered:
+    if not kept:
+        if len(hostapp.layers) == 1:
+            ops.append(MakeDir(path=empty, owner=HOSTAPP))
+        ops.append(host_alone)
+    elif layout == NESTED:
+        if any(_layers(_container(i, hostapp)) == 1 for i in order):
+            ops.append(MakeDir(path=empty, owner=HOSTAPP))
+        names = []
+        stacked: list[Mount] = []
+        for item in order:
+            c = _container(item, hostapp)
+            name = HOSTAPP if item is hostapp else short_name(len(names) - (HOSTAPP in names))
+            owner = HOSTAPP if item is hostapp else c.id
+            names.append(name)
+            stacked.append(_stack_mount(c, f"{workdir}/{name}", empty, owner))
+        for m in stacked:
             ops += (MakeDir(path=m.target, owner=m.owner), m)
-        root = Mount(
-            source="overlay", target=target, fstype="overlay", options=_root_options(stacks, host_stack),
-            flags=("ro",), cwd=None, owner=ROOT,
-        )
-        ops.append(root)
-        for m in ordered:
+        ops.append(Mount(source="overlay", target=target, fstype="overlay", options="lowerdir=" + ":".join(names),
+                         flags=("ro",), cwd=workdir, owner=ROOT))
+        for m in stacked:
             ops += (Detach(target=m.target, owner=ROOT), RemoveDir(path=m.target, owner=ROOT))
+    else:
+        layers = _flat_layers(order, hostapp)
+        if mechanism == FSCONFIG:
+            ops.append(FsMount(target=target, layers=tuple((cwd, layer.link) for cwd, layer in layers), owner=ROOT))
+        else:
+            links = f"{workdir}/{LINKS}"
+            named = tuple((short_name(i), layer.path) for i, (_, layer) in enumerate(layers))
+            ops.append(LinkLayers(directory=links, links=named, owner=ROOT))
+            ops.append(Mount(source="overlay", target=target, fstype="overlay",
+                             options="lowerdir=" + ":".join(n for n, _ in named), flags=("ro",), cwd=links, owner=ROOT))
+            ops.append(RemoveLinks(directory=links, names=tuple(n for n, _ in named), owner=ROOT))
     return Plan(
         hostapp=hostapp,
         decisions=tuple(final),
@@ -307,21 +537,7 @@ def build(
         page_size=page_size,
         kernel_release=kernel_release,
         target=target,
+        layout=layout if kept else FLAT,
+        layout_reason=layout_reason if kept else None,
+        mechanism=mechanism if (kept and layout == FLAT) else MOUNT,
     )
-
-
-def _layers_of(d: Decision) -> tuple[object, ...]:
-    return d.extension.container.layers if d.extension.container else ()
-
-
-def _root_order(stacks: Sequence[tuple[Decision, Mount]], host_stack: Mount) -> list[Mount]:
-    """Overrides, the hostapp, normal extensions: `stacks` is already in mount order."""
-    return [
-        *(m for d, m in stacks if d.position == OVERRIDE),
-        host_stack,
-        *(m for d, m in stacks if d.position != OVERRIDE),
-    ]
-
-
-def _root_options(stacks: Sequence[tuple[Decision, Mount]], host_stack: Mount) -> str:
-    return "lowerdir=" + ":".join(m.target for m in _root_order(stacks, host_stack))

@@ -29,6 +29,19 @@ CLONE_NEWNS = 0x00020000
 
 SYS_pivot_root = 155  # x86-64; glibc has no wrapper
 
+# The new mount API (x86-64 numbers; glibc 2.36 has no wrappers for all of them).
+SYS_move_mount = 429
+SYS_fsopen = 430
+SYS_fsconfig = 431
+SYS_fsmount = 432
+FSOPEN_CLOEXEC = 0x1
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+FSMOUNT_CLOEXEC = 0x1
+MOUNT_ATTR_RDONLY = 0x1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+AT_FDCWD = -100
+
 FLAG_NAMES = {
     MS_RDONLY: "ro",
     MS_NOSUID: "nosuid",
@@ -48,6 +61,7 @@ _libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
 _libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 _libc.unshare.argtypes = (ctypes.c_int,)
 _libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
+_libc.syscall.restype = ctypes.c_long
 
 
 def _enc(s: str | None) -> bytes | None:
@@ -87,3 +101,40 @@ def setns(fd: int, nstype: int = 0) -> None:
 def pivot_root(new_root: str, put_old: str) -> None:
     if _libc.syscall(SYS_pivot_root, _enc(new_root), _enc(put_old)) < 0:
         raise _fail(f"pivot_root {new_root}")
+
+
+def _syscall(call: str, number: int, *args: object) -> int:
+    ret = _libc.syscall(ctypes.c_long(number), *args)
+    if ret < 0:
+        raise _fail(call)
+    return int(ret)
+
+
+def fsopen(fstype: str) -> int:
+    """A filesystem context to configure; the caller closes the fd."""
+    return _syscall(f"fsopen {fstype}", SYS_fsopen, _enc(fstype), ctypes.c_uint(FSOPEN_CLOEXEC))
+
+
+def fsconfig_string(fd: int, key: str, value: str) -> None:
+    """One parameter; relative paths resolve against the current directory, values are capped at 256 bytes."""
+    _syscall(
+        f"fsconfig {key}={value}", SYS_fsconfig, ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_SET_STRING),
+        _enc(key), _enc(value), ctypes.c_int(0),
+    )
+
+
+def fsconfig_create(fd: int) -> None:
+    _syscall("fsconfig create", SYS_fsconfig, ctypes.c_int(fd), ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0))
+
+
+def fsmount(fd: int, attr_flags: int) -> int:
+    """A detached mount of the configured filesystem; the caller closes the fd."""
+    return _syscall("fsmount", SYS_fsmount, ctypes.c_int(fd), ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attr_flags))
+
+
+def move_mount_to(mount_fd: int, target: str) -> None:
+    """Attach a detached mount (from fsmount) at `target`."""
+    _syscall(
+        f"move_mount {target}", SYS_move_mount, ctypes.c_int(mount_fd), b"", ctypes.c_int(AT_FDCWD),
+        _enc(target), ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+    )

@@ -117,7 +117,8 @@ def test_plan_decisions_and_order(device) -> None:
     root = [m for m in doc["mounts"] if m["op"] == "mount" and m["owner"] == "root"]
     assert len(root) == 1 and root[0]["flags"] == ["ro"] and root[0]["target"] == "/sysroot"
     owners = {m["target"]: m["owner"] for m in doc["mounts"] if m["op"] == "mount" and m["owner"] != "root"}
-    stacked = [owners[d] for d in root[0]["options"].removeprefix("lowerdir=").split(":")]
+    assert doc["layout"] == "nested" and "no layer facts" in doc["layout_reason"]  # the store was never indexed
+    stacked = [owners[f"{root[0]['cwd']}/{d}"] for d in root[0]["options"].removeprefix("lowerdir=").split(":")]
     ids = {e["id"]: e["name"] for e in doc["extensions"]}
     assert [ids.get(o, o) for o in stacked] == [
         "ext-override5", "ext-override", "hostapp", "ext-abi", "ext-kv-match", "ext-legacy", "ext-normal", "ext-whiteout",

@@ -128,19 +128,31 @@ def test_broken_extension_is_skipped_with_a_reason(device_copy, tmp_path: Path, 
         assert "skipped: " in stderr and str(named) in stderr
 
 
-def _assert_mounts_stay_in_stores(doc: dict, dev) -> None:
-    """Every lower dir is an l/ link or <id>/diff in its store, or a mobynit work directory."""
+def _assert_mounts_stay_in_stores(doc: dict, dev, workdir: str = "/run/mobynit/work") -> None:
+    """Every lower dir is an l/ link or <id>/diff of its store, a mount point or link of ours
+    in the work directory, or the empty dir; every link of ours points into a store."""
     stores = {str(dev.sysroot / "balena" / "overlay2"), str(dev.data / "docker" / "overlay2")}
+
+    def check(cwd: str | None, lower: str) -> None:
+        if lower.startswith("/"):
+            assert lower == f"{workdir}/empty", lower
+        elif cwd in stores:
+            assert ".." not in lower.split("/")
+            assert lower.startswith("l/") or lower.endswith("/diff"), lower
+        else:
+            assert cwd in (workdir, f"{workdir}/l"), cwd
+            assert lower.isalnum() and lower.islower() or lower.isdigit(), lower
+
     for m in doc["mounts"]:
-        if m["op"] != "mount":
-            continue
-        for lower in m["options"].removeprefix("lowerdir=").split(":"):
-            if m["cwd"] is None or lower.startswith("/"):
-                assert lower.startswith("/run/mobynit/work/"), lower
-            else:
-                assert m["cwd"] in stores
-                assert ".." not in lower.split("/")
-                assert lower.startswith("l/") or lower.endswith("/diff")
+        if m["op"] == "mount":
+            for lower in m["options"].removeprefix("lowerdir=").split(":"):
+                check(m["cwd"], lower)
+        elif m["op"] == "fsmount":
+            for cwd, lower in m["layers"]:
+                check(cwd, lower)
+        elif m["op"] == "symlinks":
+            for _, target in m["links"]:
+                assert any(target.startswith(store + "/") for store in stores) and ".." not in target.split("/")
 
 
 HOSTAPP_CASES = {

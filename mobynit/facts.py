@@ -1,0 +1,207 @@
+"""What a layer deletes or hides, recorded once so that boot never walks a layer.
+
+One overlay of all layers (flat) means the same as the reference layout (one
+overlay per container, the root an overlay of those) unless some container's
+whiteouts or opaque directories reach into a container below it. Finding
+those needs a walk of every layer: far too slow for boot. Layers are
+immutable once committed, so `mobynit index` walks each once and writes
+`overlay2/<id>/mobynit-facts.json` beside the layer's `diff/`, where it lives
+and dies with the layer (the engine removes the whole directory).
+
+The file is read like everything else in the store: O_NOFOLLOW, size-capped,
+strictly validated. A missing, stale (other id) or malformed file only means
+"unknown", and unknown means the safe nested layout. Whoever can write it can
+write the layer's `diff/` itself, so it grants no power the store did not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+from mobynit.errors import StoreError
+from mobynit.model import Record
+from mobynit.store import read_file
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+FACTS_NAME = "mobynit-facts.json"
+FACTS_VERSION = 1
+FACTS_LIMIT = 32 << 20
+PATHS_LIMIT = 2000  # list every path only for extension-sized layers; big ones are asked by lookup
+OPAQUE_XATTR = "trusted.overlay.opaque"
+OVERLAY_XATTR_PREFIX = "trusted.overlay."
+
+
+class LayerFacts(Record):
+    """Whiteout paths, opaque directories, other overlay xattrs, and (for small
+    layers) every path in the layer, all relative to the layer root."""
+
+    __slots__ = ("whiteouts", "opaques", "xattrs", "paths")
+    whiteouts: tuple[str, ...]
+    opaques: tuple[str, ...]
+    xattrs: tuple[str, ...]  # paths carrying trusted.overlay.* other than opaque=y
+    paths: frozenset[str] | None  # None when the layer is too big to list
+
+
+def walk(diff: str) -> LayerFacts:
+    """Walk one layer directory; never follows a symlink."""
+    whiteouts: list[str] = []
+    opaques: list[str] = []
+    xattrs: list[str] = []
+    paths: list[str] = []
+    _check_xattrs(diff, "", opaques, xattrs)
+    stack = [("", diff)]
+    while stack:
+        rel_dir, real_dir = stack.pop()
+        with os.scandir(real_dir) as it:
+            for entry in it:
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                paths.append(rel)
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                    whiteouts.append(rel)
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    continue
+                _check_xattrs(entry.path, rel, opaques, xattrs)
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append((rel, entry.path))
+    return LayerFacts(
+        whiteouts=tuple(sorted(whiteouts)),
+        opaques=tuple(sorted(opaques)),
+        xattrs=tuple(sorted(xattrs)),
+        paths=frozenset(paths) if len(paths) <= PATHS_LIMIT else None,
+    )
+
+
+def _check_xattrs(path: str, rel: str, opaques: list[str], xattrs: list[str]) -> None:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(OVERLAY_XATTR_PREFIX):
+            continue
+        if name == OPAQUE_XATTR and rel and _getxattr(path, name) == b"y":
+            opaques.append(rel)
+        else:
+            xattrs.append(rel or ".")
+
+
+def _getxattr(path: str, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name, follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def facts_path(layer_dir: str) -> str:
+    return f"{layer_dir}/{FACTS_NAME}"
+
+
+def save(layer_dir: str, layer_id: str, facts: LayerFacts) -> None:
+    """Write atomically beside the layer's diff/."""
+    doc = {
+        "version": FACTS_VERSION,
+        "id": layer_id,
+        "whiteouts": list(facts.whiteouts),
+        "opaques": list(facts.opaques),
+        "xattrs": list(facts.xattrs),
+        "paths": sorted(facts.paths) if facts.paths is not None else None,
+    }
+    path = facts_path(layer_dir)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def _valid_path(p: object) -> bool:
+    if not isinstance(p, str) or not p or "\0" in p or p.startswith("/"):
+        return False
+    return all(part not in ("", ".", "..") for part in p.split("/"))
+
+
+def _paths(doc: dict[str, object], key: str) -> tuple[str, ...]:
+    value = doc.get(key)
+    if not isinstance(value, list) or not all(_valid_path(p) for p in value):
+        raise ValueError(f"{key} is not a list of relative paths")
+    return tuple(value)
+
+
+def load(layer_dir: str, layer_id: str) -> LayerFacts | None:
+    """The recorded facts of a layer, or None when there are none worth trusting."""
+    try:
+        raw = read_file(facts_path(layer_dir), FACTS_LIMIT)
+        doc = json.loads(raw)
+        if not isinstance(doc, dict) or doc.get("version") != FACTS_VERSION or doc.get("id") != layer_id:
+            return None
+        paths = doc.get("paths")
+        xattrs = doc.get("xattrs")
+        if not isinstance(xattrs, list) or not all(p == "." or _valid_path(p) for p in xattrs):
+            return None
+        return LayerFacts(
+            whiteouts=_paths(doc, "whiteouts"),
+            opaques=_paths(doc, "opaques"),
+            xattrs=tuple(xattrs),
+            paths=None if paths is None else frozenset(_paths(doc, "paths")),
+        )
+    except (StoreError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+def index(layers: Iterable[tuple[str, str]], force: bool = False) -> list[str]:
+    """Record facts for each (layer id, overlay2/<id> dir) lacking them; returns the ids written."""
+    written = []
+    for layer_id, layer_dir in layers:
+        if not force and load(layer_dir, layer_id) is not None:
+            continue
+        save(layer_dir, layer_id, walk(f"{layer_dir}/diff"))
+        written.append(layer_id)
+    return written
+
+
+class Stack(Record):
+    """One container's layers as the flatten check sees them, top first."""
+
+    __slots__ = ("name", "dirs", "facts")
+    name: str
+    dirs: tuple[str, ...]  # the layers' diff directories
+    facts: tuple[LayerFacts | None, ...]
+
+
+def flat_conflict(stacks: Sequence[Stack]) -> str | None:
+    """Why one flat overlay of these stacks (top first) would not mean what the
+    nested layout means, or None when it would.
+
+    Flat differs from nested only where a stack's whiteout or opaque directory
+    names a path that a stack below it has, or where a layer carries other
+    overlay xattrs (redirects, metacopy) that a nested mount would have hidden.
+    """
+    from mobynit.store import lookup
+
+    below_paths: set[str] = set()
+    below_unlisted: list[Stack] = []  # stacks too big to list: asked by lookup instead
+    for s in reversed(stacks):
+        for f in s.facts:
+            if f is None:
+                return f"{s.name}: no layer facts recorded (run mobynit index)"
+            if f.xattrs:
+                return f"{s.name}: carries overlay xattrs at {f.xattrs[0]}"
+        for f in s.facts:
+            for p in (*f.whiteouts, *f.opaques):  # type: ignore[union-attr]
+                if p in below_paths or any(lookup(u.dirs, p) is not None for u in below_unlisted):
+                    return f"{s.name}: deletes or hides /{p}, which a lower image has"
+        listed = [f.paths for f in s.facts]  # type: ignore[union-attr]
+        if all(paths is not None for paths in listed):
+            for paths in listed:
+                below_paths.update(paths)  # type: ignore[arg-type]
+        else:
+            below_unlisted.append(s)
+    return None
