@@ -147,16 +147,15 @@ def fsync_dir(path: str) -> None:
 
 
 def read_json(path: str, what: str, limit: int = CONFIG_LIMIT) -> dict:
-    """A JSON object from `path`; RuntimeFailure naming the file otherwise."""
+    """A JSON object from the regular file `path` (never through a final
+    symlink, at most `limit` bytes); RuntimeFailure naming the file otherwise."""
+    from mobynit.errors import StoreError
+    from mobynit.store import read_file
+
     try:
-        with open(path, "rb") as f:
-            raw = f.read(limit + 1)
-    except FileNotFoundError:
-        raise RuntimeFailure(f"{what} {path} does not exist") from None
-    except OSError as e:
-        raise RuntimeFailure(f"cannot read {what} {path}: {e.strerror}") from None
-    if len(raw) > limit:
-        raise RuntimeFailure(f"{what} {path} is larger than {limit} bytes")
+        raw = read_file(path, limit)
+    except StoreError as e:
+        raise RuntimeFailure(f"{what} {e}") from None
     try:
         doc = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -258,22 +257,11 @@ def engine_labels(engine_root: str, cid: str) -> dict[str, str] | None:
     dockerd does not copy a container's labels into the OCI annotations, so
     for it this is where an extension is recognised.
     """
-    from mobynit.errors import StoreError
-    from mobynit.store import CONFIG_LIMIT as STORE_LIMIT
-    from mobynit.store import read_file
-
     path = f"{engine_root}/containers/{cid}/config.v2.json"
-    try:
-        raw = read_file(path, STORE_LIMIT)
-    except StoreError:
-        if not os.path.lexists(path):
-            return None
-        raise
-    try:
-        doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RuntimeFailure(f"{path} is not valid JSON: {e}") from None
-    config = doc.get("Config") if isinstance(doc, dict) else None
+    if not os.path.lexists(path):
+        return None
+    doc = read_json(path, "engine record")
+    config = doc.get("Config")
     if not isinstance(config, dict):
         raise RuntimeFailure(f"{path}: Config is not an object")
     return string_map(config.get("Labels"), f"{path}: Config.Labels")

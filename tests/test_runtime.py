@@ -317,7 +317,11 @@ def test_labels_come_from_the_engine_store_when_not_annotated(rt: Rt, tmp_path: 
 
     record.write_text("{not json")
     msg = rt.fail("create", "--bundle", str(b.path), "--pid-file", str(tmp_path / "pid"), cid)
-    assert str(record) in msg and "not valid JSON" in msg
+    assert f"engine record {record} is not valid JSON" in msg
+    record.unlink()
+    record.symlink_to("/etc/hostname")  # never followed
+    msg = rt.fail("create", "--bundle", str(b.path), "--pid-file", str(tmp_path / "pid"), cid)
+    assert f"engine record {record}: cannot open: Too many levels of symbolic links" in msg
 
 
 @pytest.mark.parametrize("root_path", ["../elsewhere", "rootfs/../../elsewhere", "link", "link/hooks"])
@@ -351,7 +355,7 @@ def test_create_names_a_broken_bundle(rt: Rt, tmp_path: Path) -> None:
     assert f"bundle config {b.config} is not valid JSON" in msg
     b.config.unlink()
     msg = rt.fail("create", "--bundle", str(b.path), "--pid-file", str(tmp_path / "pid"), "ext1")
-    assert f"bundle config {b.config} does not exist" in msg
+    assert f"bundle config {b.config}: missing" in msg
     b.config.write_text(json.dumps({"root": {"path": "rootfs"}, "annotations": {"io.balena.image.class": 1}}))
     assert "annotations is not a map of strings" in rt.fail(
         "create", "--bundle", str(b.path), "--pid-file", str(tmp_path / "pid"), "ext1")
