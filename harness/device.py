@@ -348,8 +348,10 @@ def build_device(
 
     with tempfile.TemporaryDirectory(prefix="mh-build-") as tmp:
         scratch = Path(tmp)
-        host_engine = Engine(sysroot / "balena", engine_args)
-        data_engine = Engine(data / "docker", engine_args)
+        # Own namespaces: nothing the engines mount is seen by the caller, even
+        # when a build script runs outside the test suite's private namespace.
+        host_engine = Engine(sysroot / "balena", engine_args, own_namespace=True)
+        data_engine = Engine(data / "docker", engine_args, own_namespace=True)
         try:
             host_engine.start(wait=False)
             data_engine.start(wait=False)

@@ -68,8 +68,11 @@ class Engine:
     """A running dockerd with its own data-root; use as a context manager.
 
     `extra_args` go to dockerd verbatim, e.g. ("--add-runtime", "extension=/path").
-    Mounts the engine makes live in the mount namespace it was started from;
-    stop() goes back there to clean them up.
+    Mounts the engine makes live in the mount namespace it was started from, or
+    with own_namespace=True in a private one of its own (via unshare(1)), which
+    nothing outside sees and which vanishes with dockerd and its children: the
+    safe choice for scripts that build devices outside the test suite's
+    namespace. Either way stop() goes into that namespace to clean up.
     """
 
     def __init__(
@@ -79,11 +82,13 @@ class Engine:
         *,
         start_timeout: float = 30.0,
         stop_timeout: float = 20.0,
+        own_namespace: bool = False,
     ) -> None:
         self.data_root = Path(data_root).absolute()
         self.extra_args = tuple(extra_args)
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.own_namespace = own_namespace
         self.private_dir: Path | None = None
         self.process: subprocess.Popen[bytes] | None = None
         self._ns_fd = -1
@@ -151,7 +156,9 @@ class Engine:
         # engines starting together on a fresh machine would otherwise race to
         # create /etc/docker/key.json, one reading it half-written.
         config.write_text(json.dumps({"deprecated-key-path": str(self._private("key.json"))}) + "\n")
+        wrapper = ["/usr/bin/unshare", "--mount", "--propagation", "private", "--"] if self.own_namespace else []
         cmd = [
+            *wrapper,
             DOCKERD,
             "--config-file", str(config),
             "--data-root", str(self.data_root),
@@ -163,7 +170,8 @@ class Engine:
             "--bridge=none",
             *self.extra_args,
         ]
-        self._ns_fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        if not self.own_namespace:
+            self._ns_fd = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         self._log_file = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             cmd,
@@ -200,6 +208,8 @@ class Engine:
             try:
                 status, body = self._request("GET", "/_ping", None, timeout=2.0)
                 if status == 200 and body.strip() == b"OK":
+                    if self._ns_fd < 0:  # dockerd answers: it is in its own namespace by now
+                        self._ns_fd = os.open(f"/proc/{self.process.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
                     return
                 last_error = f"/_ping answered {status} {body[:80]!r}"
             except OSError as e:

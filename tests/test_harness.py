@@ -314,6 +314,20 @@ def test_engine_runs_containers_and_stop_reaps_them(tmp_path: Path) -> None:
     assert mounts.mounts_under(str(tmp_path)) == []
 
 
+def test_engine_in_its_own_namespace(tmp_path: Path) -> None:
+    engine = Engine(tmp_path / "root", own_namespace=True).start()
+    try:
+        engine.import_tree(busybox_tree(tmp_path / "tree"), "bb:1")
+        engine.docker("run", "-d", "bb:1", "/bin/sleep", "600")
+        pid = engine.process.pid if engine.process else 0
+        theirs = [m.mount_point for m in mounts.mountinfo(pid)]
+        assert str(engine.data_root) in theirs
+        assert any(p.startswith(str(engine.data_root)) and p.endswith("/merged") for p in theirs)
+        assert mounts.mounts_under(str(tmp_path)) == [], "the caller sees none of the engine's mounts"
+    finally:
+        engine.stop()
+
+
 def test_engine_errors_are_readable(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="unknown flag"):
         Engine(tmp_path / "bad", ["--no-such-flag"]).start()
