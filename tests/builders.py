@@ -40,9 +40,14 @@ def layer(seed: str, overlay2: str = DATA_OVERLAY2, *, own: bool = False) -> Lay
 def layers(seed: str, count: int, overlay2: str = DATA_OVERLAY2, *, own_diff: bool = False) -> tuple[Layer, ...]:
     """`count` layers, top first; the top one is the container's own diff when `own_diff`.
 
-    Cached: the records are immutable, and the planner's properties make thousands.
+    Each seed gives its own layers (one hash per stack, so thousands stay cheap);
+    two containers given the same seed share them, as images built FROM the same
+    base share that base's layer directories in a real store.
     """
-    stack = [layer(f"{seed}/{i}", overlay2) for i in range(count)]
+    lid, link = hex_id(f"layers:{seed}")[:48], link_name(seed)[:16]
+    stack = [
+        Layer(id=f"{lid}{i:016x}", path=f"{overlay2}/{lid}{i:016x}/diff", link=f"l/{link}{i:010d}") for i in range(count)
+    ]
     if own_diff and stack:
         stack[0] = layer(f"{seed}/own", overlay2, own=True)
     return tuple(stack)

@@ -133,7 +133,7 @@ def test_oracle_agrees_with_the_examples(text: str) -> None:
     assert kernel_parse(text) == expected[text]
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=500, deadline=None)
 @given(st.text(' \t\n"=-ab', max_size=24))
 def test_split_matches_the_kernel_on_arbitrary_text(text: str) -> None:
     assert split(text) == kernel_parse(text)
@@ -370,3 +370,12 @@ def test_verdict_follows_last_occurrence_of_each_switch(written: list[str]) -> N
             expected = n if v is None else f"{n}={v}"
             break
     assert Cmdline(" ".join(written)).extensions_disabled_by() == expected
+
+
+@PROPS
+@given(st.lists(tokens(), max_size=15), names)
+def test_get_returns_the_last_occurrence(items: list[tuple[tuple[str, str | None], str]], probe: str) -> None:
+    c = Cmdline(" ".join(written for _, written in items))
+    values = [value for (name, value), _ in items if name.replace("-", "_") == probe.replace("-", "_")]
+    assert c.has(probe) == bool(values)
+    assert c.get(probe) == (values[-1] if values else None)

@@ -118,6 +118,7 @@ def test_container_fields() -> None:
         ("ls\u2028ps\u2029", "ls\\u2028ps\\u2029"),
         ("rlo\u202eevil", "rlo\\u202eevil"),
         ("surrogate\udcff", "surrogate\\udcff"),
+        ("tag\U000e0001", "tag\\U000e0001"),
         ("unicode é ✓", "unicode é ✓"),
         (42, "42"),
     ],
@@ -138,7 +139,7 @@ def test_shown_is_printable_and_bounded(value: str, limit: int) -> None:
     out = shown(value, limit)
     assert out.isprintable()
     assert "\n" not in out and "\r" not in out and "\x1b" not in out
-    # At most `limit` characters of the value, each escaped to at most 7 ("\u" + 5 hex digits).
-    assert len(out) <= 7 * limit + 3
+    # At most `limit` characters of the value, each escaped to at most 10 ("\U" + 8 hex digits).
+    assert len(out) <= 10 * limit + 3
     if value.isprintable():
         assert out == (value if len(value) <= limit else value[:limit] + "...")

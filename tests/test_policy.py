@@ -283,3 +283,38 @@ def test_select_order_and_reasons(exts: list) -> None:
     assert normal == sorted(normal)
     kinds = ["r" if d.position == OVERRIDE and d.priority is not None else "u" if d.position == OVERRIDE else "n" for d in got]
     assert kinds == sorted(kinds, key="run".index)
+
+
+@PROPS
+@given(extension_sets())
+def test_each_exclusion_names_its_cause(exts: list) -> None:
+    """Oracle: the first of fault, state, kernel version, modules rules that applies."""
+    for d in policy.select(exts, RELEASE, ABI):
+        ext = d.extension
+        if ext.fault is not None:
+            assert d.reason == ext.fault
+            continue
+        c = ext.container
+        if c.state is not None:
+            assert d.reason is not None and c.state in d.reason
+        elif c.labels.get(policy.LABEL_KERNEL_VERSION, "6.1.0") != "6.1.0":
+            assert d.reason is not None and "kernel" in d.reason
+        elif ext.modules is not None and ext.modules.symvers_sha256 is None:
+            assert d.reason is not None and "Module.symvers" in d.reason
+        elif ext.modules is not None and ext.modules.symvers_sha256 != ABI:
+            assert d.reason is not None and policy.CMDLINE_ABI in d.reason
+        else:
+            assert d.included and d.reason is None
+
+
+@PROPS
+@given(st.one_of(st.from_regex(r"\A[+-]?[0-9]{1,20}\Z"), st.text(max_size=8)))
+def test_placement_takes_plain_decimal_integers_only(raw: str) -> None:
+    import re
+
+    position, priority, warning = policy.placement({policy.LABEL_OVERRIDE: raw})
+    assert position == OVERRIDE
+    if re.fullmatch(r"[+-]?[0-9]{1,18}", raw, flags=re.ASCII):
+        assert (priority, warning) == (int(raw), None)
+    else:
+        assert priority is None and warning is not None and warning.isprintable()
