@@ -250,30 +250,7 @@ def test_abi_token_must_match_module_symvers(device) -> None:
 # --- page size ----------------------------------------------------------------------------
 
 
-def test_page_size_drops_normal_extensions_first(device, tmp_path: Path) -> None:
-    work = str(tmp_path / "work")  # the work directory assembled() uses
-    # Room for the hostapp's own mount and a root of hostapp + 4 extensions, not 7.
-    entry = len(work) + 3  # "/run/mobynit/work/N" plus ":"
-    page = len("lowerdir=") + len(work) + len("/hostapp") + 4 * entry + 2
-    doc = plan(device, f"{ABI}={device.abi_id}", extra=("--page-size", str(page), "--workdir", work))
-    for m in doc["mounts"]:
-        if m["op"] == "mount":
-            assert len(m["options"]) <= page - 1
-    included = [e["name"] for e in doc["extensions"] if e["included"]]
-    assert included == ["ext-override5", "ext-override", "ext-abi", "ext-kv-match"]
-    for name in ("ext-legacy", "ext-normal", "ext-whiteout"):
-        assert "dropped to fit the root mount" in by_name(doc)[name]["reason"]
-    with assembled(device, tmp_path, f"{ABI}={device.abi_id}", extra=("--page-size", str(page))) as (root, record, _):
-        assert [e["name"] for e in record["extensions"] if e["included"]] == included
-        assert read(root, "usr/share/ext-kv-match/hello") and not (root / "usr/share/ext-normal").exists()
-
-
-def test_page_size_then_drops_overrides_from_the_lowest_priority(device) -> None:
-    work = "/run/" + "w" * 95  # long mount points, so the root overflows before the hostapp's own mount does
-    page = len("lowerdir=") + len(work) + len("/hostapp") + 1 * (len(work) + 3) + 2
-    found = by_name(plan(device, extra=("--page-size", str(page), "--workdir", work)))
-    assert [n for n, e in found.items() if e["included"]] == ["ext-override5"]
-    assert "dropped to fit" in found["ext-override"]["reason"]
+# Drops under the page size and the 500-layer limit: tests/test_capacity.py, on a store with 500 extensions.
 
 
 def test_hostapp_that_cannot_fit_is_an_error(device) -> None:

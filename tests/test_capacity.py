@@ -1,0 +1,80 @@
+"""Past the page-size cap: 500 layers in one root, and the drop rules beyond.
+
+The store holds 500 single-layer extensions (every 50th an override) beside
+a two-layer hostapp, written by the real engine. overlayfs stacks at most
+500 lower layers, so a flat root takes the hostapp and 498 extensions: the
+reference tool fitted about 20 in the same 4 KiB page.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from harness.bulk import build_bulk_device
+from mobynit.plan import lowerdir_plus_supported
+from tests.runs import assembled, mobynit, plan
+
+pytestmark = pytest.mark.engine
+
+OLD = "6.1.0-bulk"  # mount(2): every layer through one 4 KiB page
+NEW = "6.18.0-bulk"  # fsconfig lowerdir+, one call per layer
+OVERRIDES = [f"ext-{i:04d}" for i in range(0, 500, 50)]
+
+
+@pytest.fixture(scope="module")
+def bulk(tmp_path_factory: pytest.TempPathFactory):
+    dev = build_bulk_device(tmp_path_factory.mktemp("bulk"), 500, overrides_every=50)
+    mobynit("index", "--sysroot", str(dev.sysroot), "--data", str(dev.data))
+    return dev
+
+
+def included(doc: dict) -> list[str]:
+    return [e["name"] for e in doc["extensions"] if e["included"]]
+
+
+def check_options(doc: dict, page: int) -> None:
+    for m in doc["mounts"]:
+        if m["op"] == "mount":
+            assert len(m["options"]) <= page - 1
+            assert len(m["options"].split(":")) <= 500
+
+
+@pytest.mark.parametrize("release", [OLD, NEW])
+def test_500_layers_with_a_4k_page(bulk, tmp_path: Path, release: str) -> None:
+    doc = plan(bulk, release=release, extra=("--page-size", "4096"))
+    assert doc["layout"] == "flat" and doc["mechanism"] == ("fsconfig" if lowerdir_plus_supported(release) else "mount")
+    check_options(doc, 4096)
+    names = included(doc)
+    assert len(names) == 498, "hostapp (2 layers) + 498 extensions = overlayfs's 500"
+    dropped = {e["name"]: e["reason"] for e in doc["extensions"] if not e["included"]}
+    assert sorted(dropped) == ["ext-0498", "ext-0499"], "the last normal extensions by name go first"
+    assert all("more than overlayfs's 500" in r for r in dropped.values())
+    with assembled(bulk, tmp_path, release=release, extra=("--page-size", "4096")) as (root, record, _):
+        assert len(included(record)) == 498
+        shared = set(os.listdir(root / "usr/share"))
+        assert {f"ext-{i:04d}" for i in range(498)} | {"hostapp"} == shared
+        assert (root / "etc/hostapp-file").read_text() == "hostapp\n"
+
+
+def test_nested_takes_one_lower_per_image(bulk) -> None:
+    doc = plan(bulk, release=OLD, extra=("--layout", "nested"))
+    assert doc["layout"] == "nested" and doc["stacking_depth"] == 2
+    check_options(doc, 4096)
+    assert len(included(doc)) == 499 and [e["name"] for e in doc["extensions"] if not e["included"]] == ["ext-0499"]
+
+
+def test_small_page_drops_normal_extensions_from_the_last(bulk, tmp_path: Path) -> None:
+    doc = plan(bulk, release=OLD, extra=("--page-size", "1024"))
+    check_options(doc, 1024)
+    names = included(doc)
+    assert set(OVERRIDES) <= set(names), "overrides outlast every normal extension"
+    normals = [n for n in names if n not in OVERRIDES]
+    all_normals = [f"ext-{i:04d}" for i in range(500) if f"ext-{i:04d}" not in OVERRIDES]
+    assert normals == all_normals[: len(normals)], "the kept normal extensions are the first by name"
+    assert 200 < len(names) < 498
+    with assembled(bulk, tmp_path, release=OLD, extra=("--page-size", "1024")) as (root, record, _):
+        assert included(record) == names
+        assert len(os.listdir(root / "usr/share")) == len(names) + 1
