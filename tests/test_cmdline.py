@@ -302,10 +302,10 @@ def tokens(draw: st.DrawFn) -> tuple[tuple[str, str | None], str]:
         return (name, value), f'{name}="{value}"'
     if kind == "quoted_whole":
         # "a b=c": a name with spaces, the quotes around the whole parameter.
-        head = draw(st.text(SAFE + " ", min_size=1, max_size=12).filter(lambda s: s[0] != " " or len(s) > 0))
+        head = draw(st.text(SAFE + " ", min_size=1, max_size=12))
         value = draw(plain_values)
         return (head, value), f'"{head}={value}"'
-    head = draw(st.text(SAFE + " ", min_size=1, max_size=12))
+    head = draw(st.text(SAFE + " ", min_size=1, max_size=12).filter(lambda s: s != "--"))  # "--" ends the list
     return (head, None), f'"{head}"'
 
 

@@ -94,6 +94,7 @@ class Simulation:
         for op in p.operations:
             getattr(self, type(op).__name__)(op)
         assert set(self.mounted) == {p.target}, f"mounts left: {sorted(self.mounted)}"
+        assert not self.dirs & set(self.intermediate), "mount point directories left behind"
         assert not self.links, "layer links left behind"
         self.root = self.mounted[p.target]
 
@@ -138,6 +139,7 @@ class Simulation:
         self._overlay(op.target, [(op.cwd, n) for n in lowers(op)])
 
     def FsMount(self, op) -> None:
+        assert "ro" in op.as_json()["flags"]  # fsmount(MOUNT_ATTR_RDONLY)
         for _, value in op.layers:
             assert len(value) <= FSCONFIG_VALUE_MAX
         self._overlay(op.target, list(op.layers))
