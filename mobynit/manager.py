@@ -169,31 +169,29 @@ class Candidate:
 
     @classmethod
     def from_inspect(cls, doc: Mapping[str, object]) -> Candidate:
-        state = doc.get("State") if isinstance(doc.get("State"), dict) else {}
-        config = doc.get("Config") if isinstance(doc.get("Config"), dict) else {}
-        labels = config.get("Labels") or {}  # type: ignore[union-attr]
-        if not isinstance(labels, dict):
-            labels = {}
+        """From `GET /containers/<id>/json`; a missing or mistyped field reads as empty."""
+        state, config = _obj(doc.get("State")), _obj(doc.get("Config"))
+        data = _obj(_obj(doc.get("GraphDriver")).get("Data"))
+        mounts = doc.get("Mounts")
         volumes = []
-        for m in doc.get("Mounts") or []:  # type: ignore[union-attr]
-            if isinstance(m, dict) and m.get("Type") == "volume" and isinstance(m.get("Source"), str) and m["Source"]:
+        for m in map(_obj, mounts if isinstance(mounts, list) else ()):
+            if m.get("Type") == "volume" and isinstance(m.get("Source"), str) and m["Source"]:
                 volumes.append(Volume(str(m.get("Name", "")), m["Source"], str(m.get("Destination", ""))))
-        driver = doc.get("GraphDriver") if isinstance(doc.get("GraphDriver"), dict) else {}
-        data = driver.get("Data") or {}  # type: ignore[union-attr]
-        layers: list[str] = []
-        if isinstance(data, dict):
-            for key in ("UpperDir", "LowerDir"):
-                if isinstance(data.get(key), str) and data[key]:
-                    layers.extend(data[key].split(":"))
+        layers = [d for key in ("UpperDir", "LowerDir") if isinstance(data.get(key), str)
+                  for d in str(data[key]).split(":") if d]
         return cls(
             id=str(doc.get("Id", "")),
             name=str(doc.get("Name", "")).removeprefix("/"),
-            status=str(state.get("Status", "")),  # type: ignore[union-attr]
-            error=str(state.get("Error") or ""),  # type: ignore[union-attr]
-            labels={str(k): str(v) for k, v in labels.items()},
+            status=str(state.get("Status", "")),
+            error=str(state.get("Error") or ""),
+            labels={str(k): str(v) for k, v in _obj(config.get("Labels")).items()},
             volumes=tuple(volumes),
             layers=tuple(layers),
         )
+
+
+def _obj(value: object) -> Mapping[str, object]:
+    return value if isinstance(value, dict) else {}
 
 
 @attrs.frozen
