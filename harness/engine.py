@@ -468,13 +468,38 @@ class Engine:
         """
         return self.docker("create", "--name", name, *options, image, *cmd).strip()
 
-    def create_many(self, image: str, names: Iterable[str], cmd: Iterable[str] = ("/bin/true",)) -> list[str]:
-        """Create containers through the API: one request each, no client process."""
-        ids = []
-        for name in names:
-            query = urllib.parse.urlencode({"name": name})
-            res = self.api("POST", f"/containers/create?{query}", {"Image": image, "Cmd": list(cmd)})
-            ids.append(res["Id"])
+    def create_many(
+        self, image: str, names: Iterable[str], cmd: Iterable[str] = ("/bin/true",), *, parallel: int = 8
+    ) -> list[str]:
+        """Create containers through the API, `parallel` requests in flight; ids in order.
+
+        Requests go out on separate connections before any answer is read, so
+        dockerd works on them concurrently while this process stays single-threaded.
+        """
+        body = json.dumps({"Image": image, "Cmd": list(cmd)}).encode()
+        names = list(names)
+        ids: list[str] = []
+        for at in range(0, len(names), max(1, parallel)):
+            batch = names[at : at + max(1, parallel)]
+            conns = []
+            try:
+                for name in batch:
+                    conn = _UnixHTTPConnection(str(self.socket_path), 60.0)
+                    conns.append(conn)
+                    query = urllib.parse.urlencode({"name": name})
+                    conn.request("POST", f"/containers/create?{query}", body=body,
+                                 headers={"Content-Type": "application/json"})
+                for name, conn in zip(batch, conns):
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    if resp.status >= 400:
+                        raise EngineError(f"creating container {name}: {resp.status} {data.decode(errors='replace').strip()}")
+                    ids.append(json.loads(data)["Id"])
+            except OSError as e:
+                raise EngineError(f"creating containers from {image}: {e}") from e
+            finally:
+                for conn in conns:
+                    conn.close()
         return ids
 
     def inspect(self, ref: str) -> dict[str, Any]:

@@ -233,7 +233,7 @@ def test_onelayer_device(device_onelayer: devices.Device) -> None:
     assert list((device_onelayer.data_store / "containers").iterdir()) == []
 
 
-def test_build_path_opaque_dir_and_layer_rules(tmp_path: Path) -> None:
+def test_build_path_opaque_dir_load_method_and_layer_rules(tmp_path: Path) -> None:
     """RUN rm -rf D && mkdir D in a docker build makes D opaque in that layer."""
     spec = devices.HostappSpec(
         name="os",
@@ -244,8 +244,17 @@ def test_build_path_opaque_dir_and_layer_rules(tmp_path: Path) -> None:
         ),
         labels={"io.balena.image.class": "hostapp"},
     )
-    dev = devices.build_device(tmp_path / "dev", spec, purge_marker=False)
+    exts = [
+        devices.ExtensionSpec(f"x{n}", [devices.Layer(files={f"x{n}": f"{n}\n"})], labels={"n": str(n)})
+        for n in range(3)
+    ]
+    dev = devices.build_device(tmp_path / "dev", spec, exts, apps=12, purge_marker=False, image_method="load")
     assert not (dev.data / "remove_me_to_reset").exists()
+    for n in range(3):  # every extension image from one docker load
+        cfg = config(dev.data_store, dev.extensions[f"x{n}"])
+        assert cfg["Name"] == f"/x{n}" and cfg["Config"]["Labels"] == {"n": str(n)}
+        assert read(layer_dirs(dev.data_store, dev.extensions[f"x{n}"])[1][1] / f"x{n}") == f"{n}\n"
+    assert [config(dev.data_store, cid)["Name"] for cid in dev.apps] == [f"/app-{n:04d}" for n in range(1, 13)]
     _, dirs = layer_dirs(dev.hostapp_store, dev.hostapp_id)
     new, opaque, base = dirs[1:]
     assert (base / "opt/d/old").is_file()
