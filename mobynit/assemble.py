@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 
+from mobynit import DEFAULT_RECORD, DEFAULT_TARGET, DEFAULT_WORKDIR  # noqa: F401 (re-exported for boot)
 from mobynit import plan as planner
 from mobynit import policy
 from mobynit.cmdline import Cmdline
@@ -25,9 +26,6 @@ if TYPE_CHECKING:
     from mobynit.model import Container, Decision, Extension
     from mobynit.plan import Operation, Plan
 
-DEFAULT_TARGET = "/sysroot"  # outside /run, which boot moves into the new root
-DEFAULT_WORKDIR = "/run/mobynit/work"
-DEFAULT_RECORD = "/run/mobynit/boot.json"
 HOSTAPP_STORE = "balena"
 DATA_STORE = "docker"
 PURGE_MARKER = "remove_me_to_reset"
@@ -96,13 +94,20 @@ class Selection(Record):
     kernel_release: str
 
 
-def select(where: Layout, cmdline: Cmdline, kernel_release: str, *, extensions: bool = True) -> Selection:
+def select(
+    where: Layout, cmdline: Cmdline, kernel_release: str, *, extensions: bool = True, timings: dict[str, float] | None = None
+) -> Selection:
+    t0 = time.perf_counter()
     hostapp = read_hostapp(where)
     if extensions:
         found, token, why = find_extensions(where, cmdline, kernel_release)
     else:
         found, token, why = [], None, "hostapp only"
+    t1 = time.perf_counter()
     decisions = policy.select(found, kernel_release, cmdline.get(policy.CMDLINE_ABI))
+    if timings is not None:
+        timings["read"] = _ms(t1 - t0)
+        timings["select"] = _ms(time.perf_counter() - t1)
     return Selection(
         hostapp=hostapp, decisions=tuple(decisions), disabled_by=token, disabled_reason=why, kernel_release=kernel_release
     )
@@ -180,8 +185,19 @@ def execute(operations: Sequence[Operation]) -> None:
         done.append(op)
 
 
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
 def mount_plan(
-    sel: Selection, *, target: str, workdir: str, page_size: int, log: Callable[[str], None], layout: str | None = None
+    sel: Selection,
+    *,
+    target: str,
+    workdir: str,
+    page_size: int,
+    log: Callable[[str], None],
+    layout: str | None = None,
+    timings: dict[str, float] | None = None,
 ) -> tuple[Plan, list[str]]:
     """Execute a plan; when the kernel refuses an extension, rebuild without it.
 
@@ -190,13 +206,19 @@ def mount_plan(
     exclude: dict[str, str] = {}
     fallbacks: list[str] = []
     mechanism: str | None = None
+    spent = {"plan": 0.0, "mount": 0.0}
     while True:
+        t0 = time.perf_counter()
         plan = make_plan(
             sel, target=target, workdir=workdir, page_size=page_size, exclude=exclude, mechanism=mechanism, layout=layout
         )
+        t1 = time.perf_counter()
+        spent["plan"] += t1 - t0
         try:
             execute(plan.operations)
+            spent["mount"] += time.perf_counter() - t1
         except OperationFailed as e:
+            spent["mount"] += time.perf_counter() - t1
             if isinstance(e.op, planner.FsMount):
                 reason = f"the new mount API refused the root ({e}); using mount(2)"
                 mechanism = planner.MOUNT
@@ -217,6 +239,8 @@ def mount_plan(
             log(f"fallback: {reason}")
             continue
         break
+    if timings is not None:
+        timings.update({k: _ms(v) for k, v in spent.items()})
     if not os.statvfs(target).f_flag & os.ST_RDONLY:
         raise HostappError(f"{target} was mounted but is not read-only; refusing to hand it over")
     return plan, fallbacks
@@ -257,19 +281,19 @@ def assemble(
     layout: str | None = None,
 ) -> dict[str, object]:
     """Mount the read-only root at `target`; return the record of what was done."""
-    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
     where = locate(sysroot, data, hostapp_store=hostapp_store, data_store=data_store, purge_marker=purge_marker)
-    sel = select(where, Cmdline(cmdline), kernel_release, extensions=extensions)
-    t1 = time.perf_counter()
-    plan, fallbacks = mount_plan(sel, target=target, workdir=workdir, page_size=page_size, log=log, layout=layout)
-    t2 = time.perf_counter()
+    sel = select(where, Cmdline(cmdline), kernel_release, extensions=extensions, timings=timings)
+    plan, fallbacks = mount_plan(
+        sel, target=target, workdir=workdir, page_size=page_size, log=log, layout=layout, timings=timings
+    )
     for line in describe_selection(plan):
         log(line)
     n = len(plan.included)
     log(f"root mounted read-only at {target}: hostapp and {n} extension{'s' if n != 1 else ''}")
     record = plan.as_json()
     record["fallbacks"] = fallbacks
-    record["timings_ms"] = {"read_and_select": round((t1 - t0) * 1000, 3), "mount": round((t2 - t1) * 1000, 3)}
+    record["timings_ms"] = timings
     return record
 
 

@@ -1,8 +1,9 @@
-"""The `mobynit` command: plan, mount, assemble (and boot, status).
+"""The `mobynit` command: plan, mount, assemble, index, boot, status.
 
 Errors are caught here, once: a MobynitError becomes one line on stderr and
-exit status 1. argparse is imported only when this module is: the boot path
-proper (`mobynit boot`) goes through it too, so keep it lean.
+exit status 1 (2 for a wrong command line). The options are parsed by
+mobynit.options rather than argparse, which alone would cost the boot path
+about 15 ms; each command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -10,105 +11,92 @@ from __future__ import annotations
 import os
 import sys
 
+from mobynit import DEFAULT_RECORD, DEFAULT_TARGET, DEFAULT_WORKDIR
 from mobynit.errors import MobynitError, UsageError
+from mobynit.options import Args, Command, Opt, overview, parse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import argparse
     from collections.abc import Sequence
 
     from mobynit.assemble import Layout
     from mobynit.plan import Plan
 
+PROG = "mobynit"
 
-def _layout_args(p: argparse.ArgumentParser, data: bool = True) -> None:
-    p.add_argument("--sysroot", required=True, metavar="DIR", help="root partition (holds current and the hostapp store)")
-    p.add_argument("--hostapp-store", metavar="DIR", help="hostapp store (default: SYSROOT/balena)")
+
+def _layout_opts(data: bool = True) -> list[Opt]:
+    opts = [
+        Opt("--sysroot", "DIR", "root partition (holds current and the hostapp store)", required=True),
+        Opt("--hostapp-store", "DIR", "hostapp store (default: SYSROOT/balena)"),
+    ]
     if data:
-        p.add_argument("--data", metavar="DIR", help="data partition (holds the extension store); none: hostapp only")
-        p.add_argument("--data-store", metavar="DIR", help="extension store (default: DATA/docker)")
-        p.add_argument("--purge-marker", metavar="FILE", help="file whose absence means a data reset is pending (default: DATA/remove_me_to_reset)")
+        opts += [
+            Opt("--data", "DIR", "data partition (holds the extension store); none: hostapp only"),
+            Opt("--data-store", "DIR", "extension store (default: DATA/docker)"),
+            Opt("--purge-marker", "FILE", "its absence means a data reset is pending (default: DATA/remove_me_to_reset)"),
+        ]
+    return opts
 
 
-def _kernel_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--cmdline", metavar="TEXT", help="kernel command line (default: /proc/cmdline)")
-    src.add_argument("--cmdline-file", metavar="FILE", help="read the kernel command line from FILE")
-    p.add_argument("--kernel-release", metavar="REL", help="running kernel release (default: uname -r)")
-    p.add_argument("--page-size", type=int, metavar="N", help="page size bounding mount options (default: the system's)")
+def _kernel_opts() -> list[Opt]:
+    return [
+        Opt("--cmdline", "TEXT", "kernel command line (default: /proc/cmdline)"),
+        Opt("--cmdline-file", "FILE", "read the kernel command line from FILE"),
+        Opt("--kernel-release", "REL", "running kernel release (default: uname -r)"),
+        Opt("--page-size", "N", "page size bounding mount options (default: the system's)", convert=int),
+    ]
 
 
-def _workdir_arg(p: argparse.ArgumentParser) -> None:
-    from mobynit.assemble import DEFAULT_WORKDIR
-
-    p.add_argument("--workdir", default=DEFAULT_WORKDIR, metavar="DIR", help=f"where intermediate mounts go (default: {DEFAULT_WORKDIR})")
-
-
-def _layout_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layout", choices=("auto", "nested"), default="auto",
-                   help="auto: flat when the layers' facts allow it, else nested (default); nested: always nest")
+_WORKDIR = Opt("--workdir", "DIR", f"where intermediate mounts and links go (default: {DEFAULT_WORKDIR})", default=DEFAULT_WORKDIR)
+_LAYOUT = Opt("--layout", "auto|nested", "auto: flat when the layers' facts allow it, else nested (default); nested: always nest",
+              default="auto", choices=("auto", "nested"))
+_CMDLINE_SOURCES = ("--cmdline", "--cmdline-file")
 
 
-def parser() -> argparse.ArgumentParser:
-    import argparse
-
-    from mobynit import __version__
-    from mobynit.assemble import DEFAULT_RECORD, DEFAULT_TARGET
-
-    top = argparse.ArgumentParser(prog="mobynit", description="Assemble a read-only root from a container store.")
-    top.add_argument("--version", action="version", version=f"mobynit {__version__}")
-    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("plan", help="show what boot would mount, and why; changes nothing")
-    _layout_args(p)
-    _kernel_args(p)
-    p.add_argument("--target", default=DEFAULT_TARGET, metavar="DIR", help=f"where the root would be mounted (default: {DEFAULT_TARGET})")
-    _workdir_arg(p)
-    p.add_argument("--json", action="store_true", help="print one JSON document (see docs/plan-json.md)")
-    _layout_arg(p)
-    p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser("mount", help="mount a sysroot's hostapp read-only and print where")
-    _layout_args(p, data=False)
-    p.add_argument("--target", metavar="DIR", help="mount point (default: /run/mobynit/hostapp/<container id>)")
-    p.add_argument("--page-size", type=int, metavar="N", help=argparse.SUPPRESS)
-    _workdir_arg(p)
-    p.set_defaults(func=cmd_mount)
-
-    p = sub.add_parser("assemble", help="mount the hostapp and its extensions as one read-only root")
-    _layout_args(p)
-    _kernel_args(p)
-    p.add_argument("--target", required=True, metavar="DIR", help="mount point of the new root")
-    _workdir_arg(p)
-    _layout_arg(p)
-    rec = p.add_mutually_exclusive_group()
-    rec.add_argument("--record", default=DEFAULT_RECORD, metavar="FILE", help=f"where to write what was done (default: {DEFAULT_RECORD})")
-    rec.add_argument("--no-record", dest="record", action="store_const", const=None, help="write no record")
-    p.add_argument("--quiet", action="store_true", help="no decision lines on stderr")
-    p.set_defaults(func=cmd_assemble)
-
-    p = sub.add_parser("index", help="record each layer's whiteouts and opaque dirs, so boot can mount flat")
-    _layout_args(p)
-    p.add_argument("--kernel-release", metavar="REL", help=argparse.SUPPRESS)
-    p.add_argument("--force", action="store_true", help="walk layers again even if their facts are recorded")
-    p.set_defaults(func=cmd_index)
-
-    _register_extra(sub)
-    return top
+def commands() -> list[Command]:
+    return [
+        Command(
+            "plan", "Show what boot would mount, and why; changes nothing.",
+            [*_layout_opts(), *_kernel_opts(),
+             Opt("--target", "DIR", f"where the root would be mounted (default: {DEFAULT_TARGET})", default=DEFAULT_TARGET),
+             _WORKDIR, _LAYOUT, Opt("--json", None, "print one JSON document (see docs/plan-json.md)", default=False)],
+            cmd_plan, exclusive=[_CMDLINE_SOURCES],
+        ),
+        Command(
+            "mount", "Mount a sysroot's hostapp read-only and print where (for OS updaters).",
+            [*_layout_opts(data=False),
+             Opt("--target", "DIR", "mount point (default: /run/mobynit/hostapp/<container id>)"),
+             Opt("--page-size", "N", convert=int, hidden=True), _WORKDIR],
+            cmd_mount,
+        ),
+        Command(
+            "assemble", "Mount the hostapp and its extensions as one read-only root.",
+            [*_layout_opts(), *_kernel_opts(), Opt("--target", "DIR", "mount point of the new root", required=True),
+             _WORKDIR, _LAYOUT,
+             Opt("--record", "FILE", f"where to write what was done (default: {DEFAULT_RECORD})", default=DEFAULT_RECORD),
+             Opt("--no-record", None, "write no record", dest="record", const=None),
+             Opt("--quiet", None, "no decision lines on stderr", default=False)],
+            cmd_assemble, exclusive=[_CMDLINE_SOURCES, ("--record", "--no-record")],
+        ),
+        Command(
+            "index", "Record each layer's whiteouts and opaque directories, so boot can mount one flat overlay.",
+            [*_layout_opts(), Opt("--kernel-release", "REL", hidden=True),
+             Opt("--force", None, "walk layers again even if their facts are recorded", default=False)],
+            cmd_index,
+        ),
+        Command("boot", "Assemble the root and prepare the handover (run by the initramfs /init as PID 1).",
+                [], "mobynit.boot:cmd_boot"),
+        Command(
+            "status", "Print the record of how this system was booted.",
+            [Opt("--record", "FILE", f"the boot record (default: {DEFAULT_RECORD})", default=DEFAULT_RECORD),
+             Opt("--json", None, "print the record as JSON", default=False)],
+            "mobynit.boot:cmd_status",
+        ),
+    ]
 
 
-def _register_extra(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Commands that live beside their concern: `boot` and `status` (mobynit.boot)."""
-    try:
-        from mobynit import boot
-    except ImportError:
-        return
-    register = getattr(boot, "register", None)
-    if register is not None:
-        register(sub)
-
-
-def _layout(args: argparse.Namespace) -> Layout:
+def _layout(args: Args) -> Layout:
     from mobynit.assemble import locate
 
     return locate(
@@ -120,7 +108,7 @@ def _layout(args: argparse.Namespace) -> Layout:
     )
 
 
-def _cmdline_text(args: argparse.Namespace) -> str:
+def _cmdline_text(args: Args) -> str:
     if args.cmdline is not None:
         return args.cmdline
     path = args.cmdline_file or "/proc/cmdline"
@@ -131,7 +119,7 @@ def _cmdline_text(args: argparse.Namespace) -> str:
         raise UsageError(f"cannot read the kernel command line from {path}: {e.strerror}") from None
 
 
-def _page_size(args: argparse.Namespace) -> int:
+def _page_size(args: Args) -> int:
     if args.page_size is None:
         return os.sysconf("SC_PAGE_SIZE")
     if args.page_size < 64:
@@ -139,7 +127,7 @@ def _page_size(args: argparse.Namespace) -> int:
     return args.page_size
 
 
-def _plan(args: argparse.Namespace) -> Plan:
+def _plan(args: Args) -> Plan:
     from mobynit.assemble import make_plan, select
     from mobynit.cmdline import Cmdline
 
@@ -147,11 +135,11 @@ def _plan(args: argparse.Namespace) -> Plan:
     return make_plan(sel, target=args.target, workdir=args.workdir, page_size=_page_size(args), layout=_layout_choice(args))
 
 
-def _layout_choice(args: argparse.Namespace) -> str | None:
+def _layout_choice(args: Args) -> str | None:
     return None if args.layout == "auto" else args.layout
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def cmd_plan(args: Args) -> int:
     plan = _plan(args)
     if args.json:
         import json
@@ -194,7 +182,7 @@ def render(plan: Plan) -> str:
     return "\n".join(out) + "\n"
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
+def cmd_mount(args: Args) -> int:
     from mobynit.assemble import make_plan, mount_plan, select
     from mobynit.cmdline import Cmdline
 
@@ -206,7 +194,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_assemble(args: argparse.Namespace) -> int:
+def cmd_assemble(args: Args) -> int:
     from mobynit.assemble import assemble, write_record
 
     def log(line: str) -> None:
@@ -238,7 +226,7 @@ def cmd_assemble(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_index(args: argparse.Namespace) -> int:
+def cmd_index(args: Args) -> int:
     """Walk every layer of the hostapp and of each readable extension once."""
     import os.path
 
@@ -258,11 +246,31 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    table = commands()
     try:
-        return int(args.func(args))
+        if not words or words[0] in ("-h", "--help"):
+            sys.stdout.write(overview(PROG, "Assemble a read-only root from a container store.", table))
+            return 0 if words else 2
+        if words[0] == "--version":
+            from mobynit import __version__
+
+            print(f"{PROG} {__version__}")
+            return 0
+        command = next((c for c in table if c.name == words[0]), None)
+        if command is None:
+            raise UsageError(f"{PROG}: unknown command {words[0]!r}; commands: {', '.join(c.name for c in table)}")
+        args = parse(command, words[1:], PROG)
+        if args is None:
+            sys.stdout.write(command.usage(PROG))
+            return 0
+    except UsageError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return int(command.function()(args))
     except MobynitError as e:
-        print(f"mobynit: error: {e}", file=sys.stderr)
-        return 1
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
         return 130
