@@ -204,7 +204,9 @@ def scratch_dockerfile(layers: tuple[Layer, ...], labels: Mapping[str, str]) -> 
 ImageMethod = Literal["build", "load"]
 
 
-def build_scratch_images(engine: Engine, specs: Iterable[ExtensionSpec], method: ImageMethod = "build") -> dict[str, str]:
+def build_scratch_images(
+    engine: Engine, specs: Iterable[ExtensionSpec], method: ImageMethod = "build"
+) -> dict[str, str]:
     """Image id per extension name.
 
     "build": parallel FROM-scratch `docker build`s, and one `docker load` for
@@ -318,7 +320,8 @@ def load_images(
         image_id = hashlib.sha256(config_bytes).hexdigest()
         members[f"{image_id}.json"] = config_bytes
         members.update({f"{d}/layer.tar": t for d, t in zip(digests, tars)})
-        manifest.append({"Config": f"{image_id}.json", "RepoTags": [tag], "Layers": [f"{d}/layer.tar" for d in digests]})
+        layer_names = [f"{d}/layer.tar" for d in digests]
+        manifest.append({"Config": f"{image_id}.json", "RepoTags": [tag], "Layers": layer_names})
         ids.append(f"sha256:{image_id}")
     members["manifest.json"] = json.dumps(manifest).encode()
     buf = io.BytesIO()
@@ -460,7 +463,9 @@ def standard_hostapp() -> HostappSpec:
     )
 
 
-def _ext(name: str, files: Mapping[str, FileSpec], labels: Mapping[str, str] | None = None, **kw: object) -> ExtensionSpec:
+def _ext(
+    name: str, files: Mapping[str, FileSpec], labels: Mapping[str, str] | None = None, **kw: object
+) -> ExtensionSpec:
     merged = {**OVERLAY_CLASS, **(labels or {})}
     return ExtensionSpec(name=name, layers=(Layer(files=files),), labels=merged, **kw)  # type: ignore[arg-type]
 

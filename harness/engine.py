@@ -493,7 +493,8 @@ class Engine:
                     resp = conn.getresponse()
                     data = resp.read()
                     if resp.status >= 400:
-                        raise EngineError(f"creating container {name}: {resp.status} {data.decode(errors='replace').strip()}")
+                        answer = data.decode(errors="replace").strip()
+                        raise EngineError(f"creating container {name}: {resp.status} {answer}")
                     ids.append(json.loads(data)["Id"])
             except OSError as e:
                 raise EngineError(f"creating containers from {image}: {e}") from e

@@ -197,7 +197,8 @@ def test_trees_hold_only_what_mkfs_can_copy(device: devices.StandardDevice) -> N
 def test_mkfs_ext4_keeps_whiteouts_and_opaque_xattr(device: devices.StandardDevice, tmp_path: Path) -> None:
     """What the QEMU disk builder will do: mkfs.ext4 -d, then look inside with debugfs."""
     image = tmp_path / "data.ext4"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "resin-data", "-d", str(device.data), str(image), "256M"], check=True)
+    mkfs = ["mkfs.ext4", "-q", "-F", "-L", "resin-data", "-d", str(device.data), str(image), "256M"]
+    subprocess.run(mkfs, check=True)
     _, dirs = layer_dirs(device.data_store, device.extensions["ext-whiteout"])
     rel = dirs[1].relative_to(device.data)
     out = subprocess.run(
