@@ -20,17 +20,23 @@ class Record:
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         fields = self.__slots__
-        if len(args) > len(fields):
-            raise TypeError(f"{type(self).__name__} takes {len(fields)} fields")
-        values = dict(zip(fields, args))
-        for key, value in kwargs.items():
-            if key not in fields or key in values:
-                raise TypeError(f"{type(self).__name__}: bad or repeated field {key!r}")
-            values[key] = value
-        for key in fields:
-            if key not in values:
-                raise TypeError(f"{type(self).__name__}: missing field {key!r}")
-            object.__setattr__(self, key, values[key])
+        if args:
+            if len(args) > len(fields):
+                raise TypeError(f"{type(self).__name__} takes {len(fields)} fields")
+            for key, value in zip(fields, args):
+                if key in kwargs:
+                    raise TypeError(f"{type(self).__name__}: field {key!r} given twice")
+                kwargs[key] = value
+        if len(kwargs) != len(fields):
+            unknown = set(kwargs) - set(fields)
+            missing = set(fields) - set(kwargs)
+            raise TypeError(f"{type(self).__name__}: unknown fields {sorted(unknown)}, missing {sorted(missing)}")
+        setter = object.__setattr__
+        try:
+            for key in fields:
+                setter(self, key, kwargs[key])
+        except KeyError as e:
+            raise TypeError(f"{type(self).__name__}: unknown field given instead of {e}") from None
 
     def __setattr__(self, key: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is frozen")

@@ -168,9 +168,17 @@ class FsMount(Operation):
 
         fs = syscalls.fsopen("overlay")
         try:
-            for cwd, path in self.layers:
-                with _cwd(cwd):
+            back = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                here = None
+                for cwd, path in self.layers:
+                    if cwd != here:  # layers come grouped by store: one chdir per group
+                        os.chdir(cwd or "/")
+                        here = cwd
                     syscalls.fsconfig_string(fs, "lowerdir+", path)
+            finally:
+                os.fchdir(back)
+                os.close(back)
             syscalls.fsconfig_create(fs)
             mnt = syscalls.fsmount(fs, syscalls.MOUNT_ATTR_RDONLY)
         finally:

@@ -294,6 +294,21 @@ def boot_verdict(labels: Mapping[str, str], rootfs: str) -> str | None:
     return policy.kernel_verdict(labels, modules, release, token)
 
 
+def index_layers(engine_root: str, cid: str) -> str | None:
+    """Record the extension's layer facts now, so the next boot can mount it in
+    one flat root (see mobynit.facts); returns what went wrong, if anything."""
+    from mobynit import facts, store
+
+    try:
+        layers = store.Store(engine_root).layers(cid)
+        facts.index([(layer.id, os.path.dirname(layer.path)) for layer in layers])
+    except MobynitError as e:
+        return f"cannot record its layer facts ({e}); the next boot will nest its layers"
+    except OSError as e:
+        return f"cannot record its layer facts ({e.filename}: {e.strerror}); the next boot will nest its layers"
+    return None
+
+
 # --- hooks -------------------------------------------------------------------
 
 
@@ -637,6 +652,9 @@ def cmd_create(opts: Options, cid: str, bundle: str, pid_file: str, console_sock
         verdict = boot_verdict(labels, rootfs)
         if verdict is not None:
             log("warning", f"extension {cid} will be skipped at the next boot: {verdict}")
+        problem = index_layers(opts.engine_root, cid)
+        if problem is not None:
+            log("warning", f"extension {cid}: {problem}")
         run_hook(f"{rootfs}/hooks/create", hook_env(rootfs, labels, volumes), log, cwd=rootfs)
         pid, start = spawn_proxy(console_socket)
         try:

@@ -61,8 +61,11 @@ def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | N
             raise StoreError(f"{shown}: not a regular file")
         if st.st_size > limit:
             raise StoreError(f"{shown}: {st.st_size} bytes, more than the {limit} expected")
-        chunks = []
-        total = 0
+        data = os.read(fd, st.st_size + 1)
+        if len(data) == st.st_size:
+            return data  # the common case: one read
+        chunks = [data]
+        total = len(data)
         while chunk := os.read(fd, limit + 1 - total):
             chunks.append(chunk)
             total += len(chunk)
@@ -139,19 +142,26 @@ def _parse_config(raw: bytes, path: str, cid: str) -> tuple[str, dict[str, str],
 class Store:
     """One overlay2 data-root (`/balena` on the root partition, `/docker` on data)."""
 
-    __slots__ = ("root", "containers", "mounts", "overlay2")
+    __slots__ = ("root", "containers", "mounts", "overlay2", "_checked")
 
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/") or "/"
         self.containers = f"{self.root}/containers"
         self.mounts = f"{self.root}/image/overlay2/layerdb/mounts"
         self.overlay2 = f"{self.root}/overlay2"
+        self._checked: set[str] = set()
+
+    def _require_shared_dir(self, path: str) -> None:
+        """The store's own top directories: checked once, not once per container."""
+        if path not in self._checked:
+            _require_dir(path)
+            self._checked.add(path)
 
     def container(self, cid: str) -> Container:
         """The container `cid` with its layer stack; raises StoreError."""
         if not is_id(cid):
             raise StoreError(f"{self.containers}/{cid[:80]!r}: container id is not 64 hex digits")
-        _require_dir(self.containers)
+        self._require_shared_dir(self.containers)
         _require_dir(f"{self.containers}/{cid}")
         path = f"{self.containers}/{cid}/config.v2.json"
         return self._load(cid, path, read_file(path, CONFIG_LIMIT))
@@ -170,13 +180,13 @@ class Store:
 
     def layers(self, cid: str) -> tuple[Layer, ...]:
         """The read-only stack of container `cid`, top first, without its -init layer."""
-        _require_dir(self.mounts)
+        self._require_shared_dir(self.mounts)
         _require_dir(f"{self.mounts}/{cid}")
         mount_id_path = f"{self.mounts}/{cid}/mount-id"
         mount_id = _read_text(mount_id_path)
         if not is_id(mount_id):
             raise StoreError(f"{mount_id_path}: {mount_id[:80]!r} is not a 64-hex layer id")
-        _require_dir(self.overlay2)
+        self._require_shared_dir(self.overlay2)
         top = f"{self.overlay2}/{mount_id}"
         _require_dir(top)
         _require_dir(f"{top}/diff")
@@ -229,7 +239,7 @@ class Store:
         with a `fault`; one that is plainly an application is not returned.
         """
         try:
-            _require_dir(self.containers)
+            self._require_shared_dir(self.containers)
             fd = os.open(self.containers, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except (StoreError, OSError):
             return []  # no containers at all: an empty or fresh store

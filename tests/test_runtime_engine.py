@@ -111,6 +111,11 @@ def test_docker_run_installs_the_extension_and_it_shows_exited_0(setup: Setup) -
     assert s.engine.docker("ps", "-a", "--filter", "name=ext-a", "--format", "{{.Status}}").startswith("Exited (0)")
     state = s.engine.inspect("ext-a")["State"]
     assert (state["Status"], state["ExitCode"], state["Error"]) == ("exited", 0, "")
+    # create recorded the layers' facts, so the next boot can mount it in a flat root.
+    from mobynit import facts, store
+
+    layers = store.Store(str(s.engine.data_root)).layers(cid)
+    assert layers and all(facts.load(os.path.dirname(layer.path), layer.id) is not None for layer in layers)
 
     # How containerd's runc shim called us, verbatim.
     calls = s.calls_for(cid)
