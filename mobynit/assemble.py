@@ -147,7 +147,17 @@ def make_plan(
     if not flat.included:
         return flat
     conflict = flat_conflict(flat)
-    return flat if conflict is None else build(planner.NESTED, conflict)
+    if conflict is not None:
+        return build(planner.NESTED, conflict)
+    lost = sum(d.included for d in decisions) - len(flat.included)
+    if lost:
+        # Flat counts every layer against overlayfs's 500, nested one per image:
+        # keeping extensions matters more than stacking depth.
+        nested = build(planner.NESTED, None)
+        if len(nested.included) > len(flat.included):
+            n = len(nested.included) - len(flat.included)
+            return nested.replace(layout_reason=f"a flat root would drop {n} more extension{'s' if n > 1 else ''} to stay within overlayfs's 500 layers")
+    return flat
 
 
 def flat_conflict(plan: Plan) -> str | None:

@@ -16,6 +16,7 @@ import os
 import stat
 
 from mobynit.errors import StoreError
+from mobynit.errors import shown as printable
 from mobynit.model import Container, Extension, KernelModules, Layer
 
 TYPE_CHECKING = False
@@ -108,8 +109,8 @@ def _parse_config(raw: bytes, path: str, cid: str) -> tuple[str, dict[str, str],
     """(name, labels, state) from config.v2.json, with every type checked."""
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StoreError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; absurd nesting recurses
+        raise StoreError(f"{path}: not valid JSON ({str(e)[:120]})") from None
     if not isinstance(doc, dict):
         raise StoreError(f"{path}: not a JSON object")
     if doc.get("ID") != cid:
@@ -215,6 +216,7 @@ class Store:
         head, _, link = entry.partition("/")
         if head != "l" or not _is_link(link):
             raise StoreError(f"{lower_path}: entry {entry[:80]!r} is not of the form l/<26 letters or digits>")
+        self._require_shared_dir(f"{self.overlay2}/l")  # the kernel resolves l/<LINK> through it too
         link_path = f"{self.overlay2}/l/{link}"
         try:
             target = os.readlink(link_path)
@@ -258,8 +260,8 @@ class Store:
     def _scan_one(
         self, fd: int, name: str, is_dir: bool, wanted: Callable[[Mapping[str, str]], bool], release: str
     ) -> Extension | None:
-        shown = f"{self.containers}/{name}"
-        short = name[:12] if is_id(name) else name[:80]
+        shown = f"{self.containers}/{printable(name)}"  # a planted name must not forge console lines
+        short = name[:12] if is_id(name) else printable(name)
         if not is_dir:
             return Extension(id=name, name=short, container=None, modules=None, fault=f"{shown}: not a directory, not followed")
         path = f"{shown}/config.v2.json"
@@ -286,7 +288,7 @@ def _best_name(raw: bytes) -> str | None:
     """The container's name from a config that failed a later check, if it has one."""
     try:
         name = json.loads(raw).get("Name")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):
         return None
     return name.removeprefix("/")[:80] if isinstance(name, str) and name else None
 

@@ -172,10 +172,18 @@ def simulate(p: Plan, host: Container, decisions) -> Simulation:
 
 
 def expected_root(p: Plan) -> tuple[str, ...]:
-    """Overrides (in decision order), the hostapp, normal extensions; each image top first."""
+    """Overrides (in decision order), the hostapp, normal extensions; each image top first.
+
+    A flat root lists a layer shared by two images once, at its upper place: the
+    lower copy is shadowed by the identical upper one (and one overlay refuses a
+    directory twice). Nested mounts each image on its own, so each keeps its copy.
+    """
     overrides = [d.extension.container for d in kept(p) if d.position == OVERRIDE]
     normals = [d.extension.container for d in kept(p) if d.position != OVERRIDE]
-    return tuple(layer.path for c in (*overrides, p.hostapp, *normals) for layer in c.layers)
+    paths = [layer.path for c in (*overrides, p.hostapp, *normals) for layer in c.layers]
+    if p.layout == planner.FLAT:
+        paths = list(dict.fromkeys(paths))
+    return tuple(paths)
 
 
 # -- examples --------------------------------------------------------------------------
