@@ -31,6 +31,7 @@ from harness import mounts
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"  # Debian's client; /usr/local/bin/docker is another one
 
+PRIVATE_PREFIX = "mh"  # /run/mhXXXXXXXX: short, for the 108-byte AF_UNIX path limit
 _PR_SET_PDEATHSIG = 1
 _live: set["Engine"] = set()
 
@@ -148,8 +149,9 @@ class Engine:
         if self.process is not None:
             raise EngineError("engine already started")
         self.data_root.mkdir(parents=True, exist_ok=True)
-        base = "/run" if os.access("/run", os.W_OK) else None
-        self.private_dir = Path(tempfile.mkdtemp(prefix="mh", dir=base))
+        base = "/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()
+        _remove_stale_private_dirs(base)
+        self.private_dir = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX, dir=base))
         self._private("cfg").mkdir()
         config = self._private("daemon.json")
         # Our own config, never /etc/docker/daemon.json, and our own trust key:
@@ -505,6 +507,38 @@ class Engine:
 
     def inspect(self, ref: str) -> dict[str, Any]:
         return json.loads(self.docker("inspect", ref))[0]
+
+
+def _remove_stale_private_dirs(base: str, min_age: float = 300.0) -> None:
+    """Remove private dirs of engines killed outright (no cleanup ran): old, with
+    our daemon.json, and named by no live process's command line."""
+    try:
+        candidates = [e for e in os.scandir(base) if e.name.startswith(PRIVATE_PREFIX) and e.is_dir()]
+    except OSError:
+        return
+    now = time.time()
+    stale = []
+    for entry in candidates:
+        try:
+            old = now - entry.stat().st_mtime > min_age
+        except OSError:
+            continue
+        if old and os.path.exists(os.path.join(entry.path, "daemon.json")):
+            stale.append(entry.path)
+    if not stale:
+        return
+    in_use = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            in_use.update(d for d in stale if d.encode() in cmdline)
+    for d in stale:
+        if d not in in_use:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _signal(pid: int, sig: int) -> None:
