@@ -72,6 +72,9 @@ LINK_CHARS = frozenset(string.ascii_uppercase + string.digits)
 MARKER = "io.balena.image.class"
 HUGE = 5 << 30  # sparse: costs nothing on disk
 PLAN_TIMEOUT = 60  # seconds; a store that hangs the reader would hang a boot
+FACTS = "mobynit-facts.json"  # `mobynit index` records each layer's whiteouts here (when it can)
+# Hostapp files that no extension of the standard device replaces or deletes: no corruption may hide them.
+HOSTAPP_FILES = ("etc/hostapp-file", "usr/share/hostapp/only-in-hostapp")
 
 
 # --- the arena: a copy to corrupt, a mirror to point at, and a journal to undo ---------------
@@ -195,6 +198,7 @@ class Container:
             "layer_link": f"{layer}/link",
             "layer_lower": f"{layer}/lower",
             "lnk": f"overlay2/l/{self.links[k]}",
+            "layer_facts": f"{layer}/{FACTS}",
         }[name]
 
 
@@ -207,7 +211,7 @@ GLOBALS = {
     "image": "image",
 }
 PARTS = ("cdir", "config", "hostconfig", "mdir", "mount_id", "init_id", "top", "top_diff", "top_lower",
-         "top_link", "layer", "layer_diff", "layer_link", "layer_lower", "lnk")
+         "top_link", "layer", "layer_diff", "layer_link", "layer_lower", "lnk", "layer_facts")
 
 
 class Arena:
@@ -239,8 +243,10 @@ class Arena:
         self.containers = [Container(self.store, cid) for cid in self.cids]
         self.all_links = sorted(os.listdir(self.store / "overlay2/l"))
         self.all_layers = sorted(n for n in os.listdir(self.store / "overlay2") if n != "l")
+        self.indexed = _index(self.dev)
         self.journal = Journal(self.store, self.stash)
         self.snapshot = _snapshot(self.store)
+        self.device_snapshot = _snapshot(device.data / "docker")
         self.hcontainer = Container(self.hstore, device.hostapp_id)
         self.hsnapshot = _snapshot(self.dev.sysroot)
 
@@ -254,13 +260,23 @@ class Arena:
                 _remove(str(self.stash / leftover))
 
 
+def _index(dev: StandardDevice) -> bool:
+    """Record layer facts in the copy with `mobynit index`, when this mobynit has it."""
+    args = ["--sysroot", str(dev.sysroot), "--data", str(dev.data), "--kernel-release", KERNEL_RELEASE]
+    proc = subprocess.run([sys.executable, "-m", "mobynit", "index", *args], capture_output=True, text=True)
+    if proc.returncode == 2 and "invalid choice" in proc.stderr:
+        return False
+    assert proc.returncode == 0, proc.stderr
+    return True
+
+
 @pytest.fixture(scope="module")
 def arena(device: StandardDevice, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Arena]:
     a = Arena(device, tmp_path_factory.mktemp("fuzz"))
     yield a
     a.reset()
     assert _snapshot(a.store) == a.snapshot, "the journal did not restore the store"
-    assert _snapshot(device.data / "docker") == a.snapshot, "the session's device was modified"
+    assert _snapshot(device.data / "docker") == a.device_snapshot, "the session's device was modified"
 
 
 # --- corruptions ------------------------------------------------------------------------------
@@ -325,6 +341,9 @@ _name_text = st.one_of(
     st.text(alphabet=st.characters(blacklist_characters="/\x00"), min_size=1, max_size=30),
 )
 
+PLANT_PATHS = ("usr/share/hostapp/only-in-hostapp", "usr/share/hostapp", "usr/share", "etc/hostapp-file", "etc",
+               "bin/busybox", "a\nb", "\x1b[2J", "usr/share/hostapp/\udcff")
+
 corruption = st.one_of(
     st.tuples(st.just("node"), _where, st.sampled_from(_NODE_KINDS)),
     st.tuples(st.just("symlink"), _where, st.sampled_from(_SYMLINK_KINDS)),
@@ -340,6 +359,10 @@ corruption = st.one_of(
     st.tuples(st.just("swap"), st.integers(0, 14), st.integers(0, 14), st.sampled_from(PARTS), st.integers(0, 3)),
     st.tuples(st.just("rename"), st.integers(0, 14), _name_text),
     st.tuples(st.just("new-container"), _name_text, st.sampled_from(["config", "symlink", "fifo", "file", "deep"])),
+    st.tuples(st.just("plant"), st.integers(0, 14), st.integers(0, 3), st.sampled_from(PLANT_PATHS),
+              st.sampled_from(["whiteout", "opaque", "file", "symlink-out"])),
+    st.tuples(st.just("facts"), st.integers(0, 14), st.integers(0, 3), st.sampled_from(["nothing", "hostile", "deep", "types"]),
+              _hostile_text),
     st.tuples(st.just("modules"), st.integers(0, 3), st.sampled_from(["lib", "lib/modules", f"lib/modules/{KERNEL_RELEASE}",
               f"lib/modules/{KERNEL_RELEASE}/Module.symvers"]), st.sampled_from(_NODE_KINDS + _SYMLINK_KINDS)),
 )
@@ -400,6 +423,34 @@ def _make_symlink(a: Arena, rel: str, kind: str) -> None:
         target = os.path.basename(other_path)
     assert target is not None, kind
     os.symlink(target, path)
+
+
+def _plant(a: Arena, c: Container, k: int, where: str, how: str) -> None:
+    """Put a whiteout, an opaque directory, a file or an outward symlink at `where` in one of c's layers."""
+    diff = c.part("layer_diff", k)
+    if how in ("file", "symlink-out"):
+        where += "-planted"  # an override may replace hostapp files: only deleting them is wrong
+    parts = where.split("/")
+    rel = diff
+    for n, part in enumerate(parts):  # take the first missing (or last) component: undo removes it whole
+        rel = f"{rel}/{part}"
+        path = f"{a.store}/{rel}"
+        if n == len(parts) - 1 or not os.path.lexists(path) or not stat.S_ISDIR(os.lstat(path).st_mode):
+            break
+    full = f"{a.store}/{diff}/{where}"
+    if a.journal.take(rel) is None:
+        return
+    if rel != f"{diff}/{where}":
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+    if how == "whiteout":
+        os.mknod(full, stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    elif how == "opaque":
+        os.mkdir(full)
+        os.setxattr(full, "trusted.overlay.opaque", b"y")
+    elif how == "file":
+        Path(full).write_text("planted\n")
+    else:
+        os.symlink(str(a.decoy), full)
 
 
 def _copy(src: str, dest: str) -> None:
@@ -603,6 +654,23 @@ def apply(a: Arena, c: tuple) -> None:
             body = {"ID": name, "Name": "/" + name, "Config": {"Labels": {MARKER: "overlay"}}}
             text = json.dumps(body, ensure_ascii=False) if how == "config" else json.dumps(body)[:-1] + f', "x": {_deep(100000)}}}'
             Path(path, "config.v2.json").write_bytes(text.encode("utf-8", "surrogateescape"))
+    elif kind == "plant":
+        _plant(a, a.containers[c[1] % len(a.containers)], c[2], c[3], c[4])
+    elif kind == "facts":
+        cont = a.containers[c[1] % len(a.containers)]
+        rel = cont.part("layer_facts", c[2])
+        lid = cont.layers[c[2] % len(cont.layers)]
+        lists = {"whiteouts": [], "opaques": [], "xattrs": [], "paths": []}
+        if c[3] == "hostile":
+            lists = {"whiteouts": [c[4], "usr/share/hostapp/only-in-hostapp"], "opaques": [c[4]], "xattrs": [],
+                     "paths": [c[4], "usr", "usr/share", "usr/share/hostapp"]}
+        doc: object = {"version": 1, "id": lid, **lists}
+        if c[3] == "types":
+            doc = {"version": 1, "id": lid, "whiteouts": c[4], "opaques": {c[4]: 1}, "xattrs": None, "paths": 7}
+        text = json.dumps(doc)
+        if c[3] == "deep":
+            text = text[:-1] + f', "x": {_deep(100000)}}}'
+        _write(a, rel, text.encode())
     elif kind == "modules":
         abi = a.containers[sorted(a.pristine.extensions).index("ext-abi")]
         rel = f"{abi.part('layer_diff', 1)}/{c[2]}" if c[1] % 2 else f"{abi.part('top_diff', 0)}/{c[2]}"
@@ -732,8 +800,8 @@ def check_mounts(a: Arena, doc: dict) -> None:
             assert cwd in stores or cwd == work or _under(cwd, work), op
             if cwd in stores and not entry.startswith("/"):
                 assert _is_link_entry(entry) or _is_diff_entry(entry), (entry, op)
-                assert owner != "root", op
-                assert (cwd == str(a.hstore / "overlay2")) == (owner == "hostapp"), op
+                if owner != "root":  # the flat root's layers come from both stores
+                    assert (cwd == str(a.hstore / "overlay2")) == (owner == "hostapp"), op
         path = entry if entry.startswith("/") else os.path.join(cwd or "/", entry)
         assert entry.startswith("/") or cwd is not None, (entry, op)
         path = links.get(path, path)
@@ -753,6 +821,8 @@ def check_mounts(a: Arena, doc: dict) -> None:
 def check_decisions(doc: dict, hostapp_id: str) -> None:
     assert doc["hostapp"]["id"] == hostapp_id
     assert doc["hostapp"]["layers"], doc["hostapp"]
+    for key in ("disabled_reason", "layout_reason"):
+        assert doc.get(key) is None or doc[key].isprintable(), f"{key} is not one printable line: {doc[key]!r}"
     for e in doc["extensions"]:
         if e["included"]:
             assert "reason" not in e, e
@@ -783,7 +853,8 @@ def check_assembled(a: Arena, proc: subprocess.CompletedProcess[str], record: di
     check_mounts(a, record)
     planned = {e["id"] for e in plan_doc["extensions"] if e["included"]}
     assert {e["id"] for e in record["extensions"] if e["included"]} <= planned
-    assert (a.target / "etc/hostapp-file").is_file(), "the assembled root lacks the hostapp"
+    for rel in HOSTAPP_FILES:
+        assert (a.target / rel).is_file(), f"the assembled root lacks the hostapp's /{rel}"
     assert not (a.target / CANARY).exists(), "a layer from outside the store was mounted"
     new = [m for m in mounts.mountinfo() if _under(m.mount_point, str(a.work.parent))]
     assert [m.mount_point for m in new] == [str(a.target)], new
@@ -830,6 +901,8 @@ FUZZ = settings(
 @example([("symlink", ("g", "l"), "mirror")], DEFAULT)  # bug 2: a symlinked overlay2/l led a mount outside the store
 @example([("new-container", "a\nb", "config")], DEFAULT)  # bug 3: a directory name's newline in a reason
 @example([("new-container", "\udcff\udcfe", "config")], DEFAULT)  # bug 3: ... and its non-UTF-8 bytes
+@example([("plant", 9, 1, "usr/share/hostapp/only-in-hostapp", "whiteout")], VARIANTS[1])  # override, stale facts
+@example([("plant", 9, 1, "usr/share", "opaque")], DEFAULT)
 @example([("link", 0, 1, "via-l"), ("lower", ("c", 0, "top_lower", 0), ["l/..", "dup"]), ("node", ("g", "l"), "fifo")], DEFAULT)
 def test_hostile_extension_store(arena: Arena, corruptions: list[tuple], variant: tuple[str, tuple[str, ...]]) -> None:
     a = arena
