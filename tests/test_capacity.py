@@ -78,3 +78,20 @@ def test_small_page_drops_normal_extensions_from_the_last(bulk, tmp_path: Path) 
     with assembled(bulk, tmp_path, release=OLD, extra=("--page-size", "1024")) as (root, record, _):
         assert included(record) == names
         assert len(os.listdir(root / "usr/share")) == len(names) + 1
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory: pytest.TempPathFactory):
+    """30 extensions of 20 layers each: 602 layers in all, 31 images."""
+    dev = build_bulk_device(tmp_path_factory.mktemp("deep"), 30, layers=20)
+    mobynit("index", "--sysroot", str(dev.sysroot), "--data", str(dev.data))
+    return dev
+
+
+def test_nested_when_flat_would_drop_what_nesting_keeps(deep, tmp_path: Path) -> None:
+    doc = plan(deep, release=OLD)
+    assert doc["layout"] == "nested" and "flat root would drop" in doc["layout_reason"]
+    assert len(included(doc)) == 30
+    with assembled(deep, tmp_path, release=OLD) as (root, record, _):
+        assert len(included(record)) == 30
+        assert (root / "usr/share/ext-0029/layer19").read_text() == "ext-0029 19\n"
