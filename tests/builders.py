@@ -63,8 +63,10 @@ def container(
     own_diff: bool = False,
     cid: str | None = None,
     layer_seed: str | None = None,
+    base: tuple[Layer, ...] = (),
 ) -> Container:
-    """A container; `layer_seed` (default: its id) names its layers, so equal seeds share them."""
+    """A container; `layer_seed` (default: its id) names its layers, so equal seeds
+    share them; `base` goes below them, as the layers of the image it was built FROM."""
     cid = cid or hex_id(f"container:{name}")
     root = overlay2.rpartition("/")[0]
     return Container(
@@ -72,7 +74,7 @@ def container(
         name=name,
         labels=dict(labels or {}),
         state=state,
-        layers=layers(layer_seed or cid, nlayers, overlay2, own_diff=own_diff),
+        layers=layers(layer_seed or cid, nlayers, overlay2, own_diff=own_diff) + base,
         overlay2=overlay2,
         config=f"{root}/containers/{cid}/config.v2.json",
     )
@@ -104,6 +106,7 @@ def extension(
     cid: str | None = None,
     own_diff: bool = False,
     layer_seed: str | None = None,
+    base: tuple[Layer, ...] = (),
 ) -> Extension:
     """An extension container as the store reader returns it; with `fault`, an unreadable one."""
     cid = cid or hex_id(f"container:{name}")
@@ -112,7 +115,8 @@ def extension(
     all_labels = ext_labels(override)
     all_labels.update(labels or {})
     c = container(
-        name, nlayers=nlayers, labels=all_labels, state=state, overlay2=overlay2, cid=cid, own_diff=own_diff, layer_seed=layer_seed
+        name, nlayers=nlayers, labels=all_labels, state=state, overlay2=overlay2, cid=cid, own_diff=own_diff, layer_seed=layer_seed,
+        base=base,
     )
     return Extension(id=cid, name=name, container=c, modules=modules, fault=None)
 
