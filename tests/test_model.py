@@ -143,3 +143,20 @@ def test_shown_is_printable_and_bounded(value: str, limit: int) -> None:
     assert len(out) <= 10 * limit + 3
     if value.isprintable():
         assert out == (value if len(value) <= limit else value[:limit] + "...")
+
+
+class _WithDefault(Record):
+    __slots__ = ("a", "b", "c")
+    _defaults = {"c": "default"}
+
+
+def test_defaulted_field_by_position_or_keyword_or_left_out() -> None:
+    assert _WithDefault(1, 2).c == "default"
+    assert _WithDefault(a=1, b=2).c == "default"
+    assert _WithDefault(1, 2, c=3).c == 3
+    assert _WithDefault(1, 2, 3).c == 3
+    assert _WithDefault(1, 2, 3) == _WithDefault(a=1, b=2, c=3)
+    with pytest.raises(TypeError):
+        _WithDefault(1)  # b has no default
+    with pytest.raises(TypeError):
+        _WithDefault(1, 2, 3, c=4)
