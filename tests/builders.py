@@ -107,8 +107,12 @@ def extension(
     own_diff: bool = False,
     layer_seed: str | None = None,
     base: tuple[Layer, ...] = (),
+    release: Mapping[str, str] | None = None,
 ) -> Extension:
-    """An extension container as the store reader returns it; with `fault`, an unreadable one."""
+    """An extension container as the store reader returns it; with `fault`, an unreadable one.
+
+    `release` is its parsed extension-release file (systemd-sysext), if it has one.
+    """
     cid = cid or hex_id(f"container:{name}")
     if fault is not None:
         return Extension(id=cid, name=name, container=None, modules=None, fault=fault)
@@ -118,7 +122,8 @@ def extension(
         name, nlayers=nlayers, labels=all_labels, state=state, overlay2=overlay2, cid=cid, own_diff=own_diff, layer_seed=layer_seed,
         base=base,
     )
-    return Extension(id=cid, name=name, container=c, modules=modules, fault=None)
+    extra = {} if release is None else {"release": dict(release)}
+    return Extension(id=cid, name=name, container=c, modules=modules, fault=None, **extra)
 
 
 def modules(release: str = "6.1.0-1-cloud-amd64", symvers: bytes | None = b"0x1234\tsym\tvmlinux\tEXPORT_SYMBOL\n") -> KernelModules:

@@ -318,3 +318,73 @@ def test_placement_takes_plain_decimal_integers_only(raw: str) -> None:
         assert (priority, warning) == (int(raw), None)
     else:
         assert priority is None and warning is not None and warning.isprintable()
+
+
+# -- compatibility gates: the hostapp's os-release (systemd-sysext rules, os-version label)
+
+OS = {"ID": "balena-os", "VERSION_ID": "6.0.1"}
+SYSEXT_OK = {"ID": "balena-os", "VERSION_ID": "6.0.1"}
+OS_LABEL = "io.balena.image.os-version"
+
+
+def _host(strict: bool = False) -> policy.Host:
+    return policy.Host(os_release=OS, architecture="x86-64", strict_os_version=strict)
+
+
+def _one(ext, host=None, abi=None):
+    (d,) = policy.select([ext], RELEASE, abi, host)
+    return d
+
+
+def test_without_a_host_only_the_balena_rules_apply() -> None:
+    d = _one(extension("e", release={"ID": "debian"}, labels={OS_LABEL: "1.*"}))
+    assert d.included and d.warning is None
+
+
+def test_matching_release_file_is_included() -> None:
+    d = _one(extension("e", release=SYSEXT_OK), _host())
+    assert d.included and d.reason is None and d.warning is None
+
+
+def test_release_file_for_another_os_is_excluded() -> None:
+    d = _one(extension("e", release={"ID": "debian", "VERSION_ID": "12"}), _host())
+    assert not d.included and "extension-release.e" in (d.reason or "")
+
+
+def test_os_version_mismatch_warns_and_keeps_unless_strict() -> None:
+    ext = extension("e", labels={OS_LABEL: "5.*"})
+    kept = _one(ext, _host(strict=False))
+    assert kept.included and kept.reason is None
+    assert OS_LABEL in (kept.warning or "") and policy.CMDLINE_STRICT_OS_VERSION in (kept.warning or "")
+    skipped = _one(ext, _host(strict=True))
+    assert not skipped.included
+    assert OS_LABEL in (skipped.reason or "") and policy.CMDLINE_STRICT_OS_VERSION in (skipped.reason or "")
+
+
+def test_os_version_match_is_silent() -> None:
+    d = _one(extension("e", labels={OS_LABEL: "5.*, 6.0.*"}), _host(strict=True))
+    assert d.included and d.warning is None
+
+
+def test_warnings_accumulate() -> None:
+    d = _one(extension("e", override="high", labels={OS_LABEL: "5.*"}), _host())
+    assert d.included and d.priority is None
+    assert policy.LABEL_OVERRIDE in (d.warning or "") and OS_LABEL in (d.warning or "")
+
+
+def test_kernel_verdict_comes_before_the_release_file() -> None:
+    ext = extension("e", labels={policy.LABEL_KERNEL_VERSION: "5.10.0"}, release={"ID": "debian"})
+    d = _one(ext, _host())
+    assert not d.included and "5.10.0" in (d.reason or "") and "extension-release" not in (d.reason or "")
+
+
+def test_release_mismatch_is_the_reason_even_with_an_os_version_mismatch() -> None:
+    ext = extension("e", labels={OS_LABEL: "5.*"}, release={"ID": "debian"})
+    d = _one(ext, _host())
+    assert not d.included and "extension-release" in (d.reason or "")
+    assert d.warning is None
+
+
+def test_dead_container_is_not_asked_about_its_release() -> None:
+    d = _one(extension("e", state="Dead", release={"ID": "debian"}), _host())
+    assert not d.included and "Dead" in (d.reason or "")
