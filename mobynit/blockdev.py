@@ -52,12 +52,12 @@ def find(spec: DeviceSpec, sys_block: str = SYS_BLOCK, dev: str = "/dev") -> str
         return None
     for name in names:
         path = os.path.join(dev, name)
-        if os.path.exists(path) and _matches(spec, name, path, sys_block):
+        if os.path.exists(path) and _matches(spec, name, path, sys_block, dev):
             return path
     return None
 
 
-def _matches(spec: DeviceSpec, name: str, path: str, sys_block: str) -> bool:
+def _matches(spec: DeviceSpec, name: str, path: str, sys_block: str, dev: str) -> bool:
     if spec.key in ("LABEL", "UUID"):
         ident = ext_identity(path)
         if ident is None:
@@ -70,7 +70,7 @@ def _matches(spec: DeviceSpec, name: str, path: str, sys_block: str) -> bool:
     if spec.key == "PARTLABEL":
         return props.get("PARTNAME") == spec.value
     disk = os.path.basename(os.path.dirname(os.path.realpath(os.path.join(sys_block, name))))
-    uuid = partition_uuid(os.path.join("/dev", disk), int(props["PARTN"]), _sector_size(sys_block, disk))
+    uuid = partition_uuid(os.path.join(dev, disk), int(props["PARTN"]), _sector_size(sys_block, disk))
     return uuid is not None and uuid == spec.value.lower()
 
 

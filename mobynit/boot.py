@@ -35,6 +35,7 @@ import time
 
 _IMPORTED = time.clock_gettime(time.CLOCK_BOOTTIME)  # before the package's own imports
 
+from mobynit import DEFAULT_RECORD
 from mobynit import assemble as assembler
 from mobynit import blockdev, cmdline, syscalls
 from mobynit.console import Console
@@ -49,7 +50,7 @@ SYSROOT = "/sysroot"
 DATA = "/data"
 WORKDIR = "/mobynit/work"
 HANDOVER = "/mobynit/handover"
-RECORD = "/run/mobynit/boot.json"
+RECORD = DEFAULT_RECORD  # where the booted system finds it
 ACTIVE = "/mnt/sysroot/active"
 MOVED = ("/dev", "/proc", "/sys", "/run")
 
@@ -318,19 +319,20 @@ def format_status(record: dict) -> str:
 
 
 def cmd_status(args) -> int:
+    """`mobynit status [--record FILE] [--json]`."""
     import json
-
-    from mobynit.errors import UsageError
 
     try:
         with open(args.record, encoding="utf-8") as f:
             record = json.load(f)
     except FileNotFoundError:
-        raise UsageError(f"no boot record at {args.record}: this system was not booted by mobynit") from None
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read the boot record {args.record}: {e}") from None
+        raise MobynitError(f"no boot record at {args.record}: this system was not booted by mobynit") from None
+    except OSError as e:
+        raise MobynitError(f"cannot read the boot record {args.record}: {e.strerror}") from None
+    except ValueError as e:
+        raise MobynitError(f"{args.record} is not valid JSON: {e}") from None
     if not isinstance(record, dict):
-        raise UsageError(f"{args.record} is not a mobynit boot record (not a JSON object)")
+        raise MobynitError(f"{args.record} is not a mobynit boot record (not a JSON object)")
     if args.json:
         json.dump(record, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
@@ -340,18 +342,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_boot(args) -> int:
+    """`mobynit boot`: what /init runs, reached through the CLI."""
     main()
     return 0  # not reached: main() exits
-
-
-def register(sub) -> None:
-    """Add `boot` and `status` to the `mobynit` command (see mobynit.cli)."""
-    p = sub.add_parser("boot", help="assemble the root and prepare the handover (run by the initramfs /init as PID 1)")
-    p.set_defaults(func=cmd_boot)
-    p = sub.add_parser("status", help="print the record of how this system was booted")
-    p.add_argument("--record", default=RECORD, metavar="FILE", help=f"the boot record (default: {RECORD})")
-    p.add_argument("--json", action="store_true", help="print the record as JSON")
-    p.set_defaults(func=cmd_status)
 
 
 def main() -> None:

@@ -22,12 +22,14 @@ LEVEL_INFO = 6
 LEVEL_DEBUG = 7
 _USER = 1 << 3  # syslog facility "user": these lines come from userspace
 _DEVKMSG = "/proc/sys/kernel/printk_devkmsg"
+_PRINTK = "/proc/sys/kernel/printk"
 
 
 class Console:
     """The boot's voice. `debug` lines appear only with `mobynit.debug`."""
 
-    def __init__(self, kmsg: str = "/dev/kmsg", stream=None, verbose: bool = False) -> None:
+    def __init__(self, kmsg: str = "/dev/kmsg", stream=None, verbose: bool = False,
+                 devkmsg_sysctl: str = _DEVKMSG, printk_sysctl: str = _PRINTK) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.verbose = verbose
         self.lines: list[str] = []
@@ -37,9 +39,10 @@ class Console:
             self._kmsg = os.open(kmsg, os.O_WRONLY | os.O_CLOEXEC)
         except OSError:
             pass
-        self._echo_level = _console_loglevel()
+        self._echo_level = _console_loglevel(printk_sysctl)
+        self._devkmsg = devkmsg_sysctl
         if self._kmsg is not None:
-            self._devkmsg_before = _swap_sysctl(_DEVKMSG, "on")
+            self._devkmsg_before = _swap_sysctl(devkmsg_sysctl, "on")
 
     def info(self, line: str) -> None:
         self._emit(line, LEVEL_INFO)
@@ -68,17 +71,17 @@ class Console:
     def close(self) -> None:
         """Give the kernel its rate limit back and let go of /dev/kmsg."""
         if self._devkmsg_before is not None:
-            _swap_sysctl(_DEVKMSG, self._devkmsg_before)
+            _swap_sysctl(self._devkmsg, self._devkmsg_before)
             self._devkmsg_before = None
         if self._kmsg is not None:
             os.close(self._kmsg)
             self._kmsg = None
 
 
-def _console_loglevel() -> int:
+def _console_loglevel(path: str = _PRINTK) -> int:
     """The first field of kernel.printk: messages below it reach the console."""
     try:
-        with open("/proc/sys/kernel/printk", encoding="ascii") as f:
+        with open(path, encoding="ascii") as f:
             return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return 0  # unknown: assume no echo, so the line is written directly

@@ -52,8 +52,8 @@ $bb poweroff -f
 
 
 def probe_hostapp(name: str = "hostapp", files: dict | None = None) -> HostappSpec:
-    """A busybox hostapp whose init is the probe above, in two layers (the
-    second one adds the files a test wants, so the hostapp is a real chain)."""
+    """A busybox hostapp whose init is the probe above, in three layers: the
+    second adds the files a test wants, the third deletes one of them."""
     first = {
         "sbin/init": File(PROBE_INIT, 0o755),
         "sbin/init-alt": File('#!/bin/busybox sh\necho "MARK alt-init $$"\nexec /sbin/init\n', 0o755),
@@ -62,9 +62,11 @@ def probe_hostapp(name: str = "hostapp", files: dict | None = None) -> HostappSp
     second = {
         "etc/hostapp-file": "hostapp\n",
         "usr/share/hostapp/only-in-hostapp": "only in hostapp\n",
+        "etc/to-delete": "deleted by the next layer\n",
         **(files or {}),
     }
-    return HostappSpec(name=name, layers=(Layer(files=first), Layer(files=second)))
+    # The third layer deletes a file: a whiteout the disk image must keep.
+    return HostappSpec(name=name, layers=(Layer(files=first), Layer(files=second), Layer(delete=["etc/to-delete"])))
 
 
 def extension(name: str, files: dict, override: int | str | None = None, labels: dict | None = None) -> ExtensionSpec:
@@ -78,7 +80,16 @@ def three_extensions() -> tuple[ExtensionSpec, ...]:
     """Two normal extensions and one override, as in the demo."""
     return (
         extension("tools", {"usr/share/tools/hello": "hello from tools\n", "etc/hostapp-file": "tools (must not win)\n"}),
-        extension("firmware", {"usr/share/firmware/blob": "firmware v2\n"}),
+        ExtensionSpec(
+            name="firmware",
+            layers=(
+                Layer(files={"usr/share/firmware/blob": "firmware v1\n", "usr/share/firmware/old/stale": "v1\n"}),
+                # An update in a second layer: a replaced file, and an opaque directory.
+                Layer(files={"usr/share/firmware/blob": "firmware v2\n", "usr/share/firmware/old/fresh": "v2\n"},
+                      opaque=["usr/share/firmware/old"]),
+            ),
+            labels=dict(OVERLAY_CLASS),
+        ),
         extension("hotfix", {"etc/hostapp-file": "patched by hotfix\n", "usr/share/hotfix/note": "override 10\n"}, override=10),
     )
 

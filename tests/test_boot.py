@@ -87,6 +87,7 @@ def test_hostapp_alone_boots_read_only_overlay(booted):
     assert res.console.mark("active").split() == ["balena", "current", "hostapps", "lost+found"]
     assert "/dev/vda1 /mnt/sysroot/active ext4 ro" in "\n".join(res.console.marks("mount"))
     assert files(res)[HOSTAPP_FILE] == "hostapp"
+    assert "/etc/to-delete" not in files(res)  # the third layer's whiteout
 
 
 @uses("hostapp-alone")
@@ -127,7 +128,7 @@ def _root_order(record: dict) -> list[str]:
     owner_of = {op["target"]: op["owner"] for op in record["mounts"] if op["op"] == "mkdir"}
     root = [op for op in record["mounts"] if op["op"] == "mount" and op["target"] == record["target"]][-1]
     lower = root["options"].split("lowerdir=", 1)[1].split(",")[0].split(":")
-    return [names[owner_of[d]] for d in lower]
+    return [names[owner_of[os.path.join(root["cwd"] or "/", d)]] for d in lower]
 
 
 @uses("extensions")
@@ -139,6 +140,10 @@ def test_extensions_add_files_and_overrides_replace(booted):
     assert seen["/usr/share/tools/hello"] == "hello from tools"
     assert seen["/usr/share/firmware/blob"] == "firmware v2"
     assert seen["/usr/share/hostapp/only-in-hostapp"] == "only in hostapp"
+    # Deletions survive the trip through the disk image: the hostapp's
+    # whiteout, and an opaque directory inside an extension.
+    assert "/etc/to-delete" not in seen
+    assert seen["/usr/share/firmware/old/fresh"] == "v2" and "/usr/share/firmware/old/stale" not in seen
     # Overrides replace hostapp files; the lower priority number wins (5 over 10).
     assert seen[HOSTAPP_FILE] == "patched by urgent"
     assert seen["/usr/share/hotfix/note"] == "override 10"
@@ -172,7 +177,7 @@ def test_status_prints_the_boot_record(booted, tmp_path: Path):
     assert "  + urgent (override 5)" in out.stdout and "  + tools (normal)" in out.stdout
     missing = subprocess.run([sys.executable, "-m", "mobynit", "status", "--record", str(tmp_path / "none.json")],
                              capture_output=True, text=True, cwd=boot_kit.REPO)
-    assert missing.returncode == 1
+    assert missing.returncode == 1, missing.stderr
     assert "no boot record at" in missing.stderr and "Traceback" not in missing.stderr
 
 
@@ -305,3 +310,19 @@ def test_debian_systemd_hostapp_reaches_its_target(booted):
     assert record is not None and record["hostapp"]["name"] == "debian"
     assert files(res)["/usr/share/debian-ext/hello"] == "hello from a Debian extension"
     assert res.console.first(r"Reached target .*Multi-User System") is not None
+
+
+# --- the runner -----------------------------------------------------------------------
+
+
+def test_runner_kills_and_reaps_at_the_hard_timeout(kit):
+    # A root that never appears: the guest would wait 60 s; the runner gives it 6.
+    machine = boot_kit.runner.Machine(kit.kernel.vmlinuz, kit.initrd,
+                                      "console=ttyS0 root=LABEL=nowhere mobynit.wait=600", timeout=120)
+    with boot_kit.runner.Run(machine, boot_kit.LOGS / "runner-timeout.log", "runner-timeout") as run:
+        assert run.expect("mobynit: waiting up to 600 s for LABEL=nowhere", 120), run.console.text()[-3000:]
+        res = run.result(run.wait(timeout=1))
+        assert res.timed_out
+        assert run.proc.poll() is not None
+        with pytest.raises(ProcessLookupError):
+            os.killpg(run.proc.pid, 0)  # nothing of its process group is left
