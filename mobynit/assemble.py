@@ -103,8 +103,22 @@ def select(
         found, token, why = find_extensions(where, cmdline, kernel_release)
     else:
         found, token, why = [], None, "hostapp only"
+    host = None
+    if found:
+        from mobynit.compat import host_architecture
+        from mobynit.store import read_os_release
+
+        try:
+            os_release = read_os_release([layer.path for layer in hostapp.layers])
+        except StoreError:
+            os_release = {}  # unreadable: the gates then refuse what names an OS, accept the rest
+        host = policy.Host(
+            os_release=os_release,
+            architecture=host_architecture(),
+            strict_os_version=cmdline.flag(policy.CMDLINE_STRICT_OS_VERSION),
+        )
     t1 = time.perf_counter()
-    decisions = policy.select(found, kernel_release, cmdline.get(policy.CMDLINE_ABI))
+    decisions = policy.select(found, kernel_release, cmdline.get(policy.CMDLINE_ABI), host)
     if timings is not None:
         timings["read"] = _ms(t1 - t0)
         timings["select"] = _ms(time.perf_counter() - t1)

@@ -17,9 +17,13 @@ class Record:
     """A frozen value object whose fields are its `__slots__`."""
 
     __slots__ = ()
+    _defaults: dict[str, object] = {}  # fields that may be left out
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         fields = self.__slots__
+        if self._defaults:
+            for key, value in self._defaults.items():
+                kwargs.setdefault(key, value)
         if args:
             if len(args) > len(fields):
                 raise TypeError(f"{type(self).__name__} takes {len(fields)} fields")
@@ -120,15 +124,18 @@ class Extension(Record):
 
     Either `container` is set, or `fault` says in one line (naming the file)
     why it could not be read; `name` is then the best name known.
-    `modules` is None when the extension has no modules for the running kernel.
+    `modules` is None when the extension has no modules for the running kernel;
+    `release` is its systemd-sysext extension-release file, when it has one.
     """
 
-    __slots__ = ("id", "name", "container", "modules", "fault")
+    __slots__ = ("id", "name", "container", "modules", "fault", "release")
+    _defaults = {"release": None}
     id: str
     name: str
     container: Container | None
     modules: KernelModules | None
     fault: str | None
+    release: Mapping[str, str] | None  # its extension-release file, parsed; None without one
 
 
 OVERRIDE = "override"

@@ -8,8 +8,9 @@ decides, and sorts the decisions into the order the mount stacks them.
 
 from __future__ import annotations
 
+from mobynit import compat
 from mobynit.errors import shown
-from mobynit.model import NORMAL, OVERRIDE, Decision
+from mobynit.model import NORMAL, OVERRIDE, Decision, Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -23,6 +24,18 @@ LABEL_KERNEL_VERSION = "io.balena.image.kernel-version"
 LABEL_KERNEL_ABI = "io.balena.image.kernel-abi-id"
 LABEL_OVERRIDE = "io.balena.image.override"
 CMDLINE_ABI = "balena_kernel_abi"
+CMDLINE_STRICT_OS_VERSION = "mobynit.strict_os_version"
+
+
+class Host(Record):
+    """What the compatibility gates compare an extension with: the hostapp's
+    os-release, this machine's architecture (systemd's naming), and whether an
+    os-version mismatch skips the extension or only warns."""
+
+    __slots__ = ("os_release", "architecture", "strict_os_version")
+    os_release: Mapping[str, str]
+    architecture: str
+    strict_os_version: bool
 
 
 def is_extension(labels: Mapping[str, str]) -> bool:
@@ -90,7 +103,7 @@ def order_key(decision: Decision) -> tuple[int, int, int, str, str]:
     return (1, 0, 0, ext.name, ext.id)
 
 
-def decide(ext: Extension, kernel_release: str, abi_token: str | None) -> Decision:
+def decide(ext: Extension, kernel_release: str, abi_token: str | None, host: Host | None = None) -> Decision:
     container = ext.container
     labels = container.labels if container is not None else {}
     position, priority, warning = placement(labels)
@@ -100,11 +113,22 @@ def decide(ext: Extension, kernel_release: str, abi_token: str | None) -> Decisi
         reason = f"container is {container.state}"
     else:
         reason = kernel_verdict(labels, ext.modules, kernel_release, abi_token)
+        if reason is None and host is not None:
+            reason = compat.sysext_verdict(ext.name, ext.release, host.os_release, host.architecture)
+            mismatch = compat.os_version_verdict(labels, host.os_release.get("VERSION_ID"))
+            if reason is None and mismatch is not None:
+                if host.strict_os_version:
+                    reason = f"{mismatch} ({CMDLINE_STRICT_OS_VERSION})"
+                else:
+                    kept = f"{mismatch}; kept (add {CMDLINE_STRICT_OS_VERSION} to skip it)"
+                    warning = f"{warning}; {kept}" if warning else kept
     return Decision(
         extension=ext, included=reason is None, position=position, priority=priority, reason=reason, warning=warning
     )
 
 
-def select(extensions: Iterable[Extension], kernel_release: str, abi_token: str | None) -> list[Decision]:
+def select(
+    extensions: Iterable[Extension], kernel_release: str, abi_token: str | None, host: Host | None = None
+) -> list[Decision]:
     """A decision for every extension found, in mount order."""
-    return sorted((decide(ext, kernel_release, abi_token) for ext in extensions), key=order_key)
+    return sorted((decide(ext, kernel_release, abi_token, host) for ext in extensions), key=order_key)

@@ -278,10 +278,12 @@ class Store:
             if not wanted(labels):
                 return None
             container = self._load(name, path, raw)
-            modules = probe_modules([layer.path for layer in container.layers], release)
+            dirs = [layer.path for layer in container.layers]
+            modules = probe_modules(dirs, release)
+            ext_release = read_extension_release(dirs, cname)
         except StoreError as e:
             return Extension(id=name, name=_best_name(raw) or short, container=None, modules=None, fault=str(e))
-        return Extension(id=name, name=cname, container=container, modules=modules, fault=None)
+        return Extension(id=name, name=cname, container=container, modules=modules, fault=None, release=ext_release)
 
 
 def _best_name(raw: bytes) -> str | None:
@@ -380,3 +382,78 @@ def probe_modules(layers: Sequence[str], release: str) -> KernelModules | None:
     import hashlib  # only extensions that ship modules pay for it
 
     return KernelModules(release=release, symvers_sha256=hashlib.sha256(read_file(symvers[1], SYMVERS_LIMIT)).hexdigest())
+
+
+# --- release files -------------------------------------------------------------------
+
+RELEASE_LIMIT = 64 << 10
+EXTENSION_RELEASE_DIR = "usr/lib/extension-release.d"
+
+
+def _names_in(layers: Sequence[str], relpath: str) -> set[str]:
+    """The entries of directory `relpath` in the merged view of `layers` (top first)."""
+    parts = [p for p in relpath.split("/") if p]
+    names: set[str] = set()
+    hidden: set[str] = set()
+    for layer in layers:
+        kind, stop = _layer_lookup(layer, parts)
+        if kind == _WHITEOUT or (kind is not None and kind != "dir"):
+            break
+        if kind == "dir":
+            try:
+                with os.scandir(f"{layer}/{relpath}") as it:
+                    for entry in it:
+                        if entry.name in hidden or entry.name in names:
+                            continue
+                        st = entry.stat(follow_symlinks=False)
+                        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                            hidden.add(entry.name)
+                        else:
+                            names.add(entry.name)
+            except OSError:
+                pass
+        if stop:
+            break
+    return names
+
+
+def read_release_file(layers: Sequence[str], relpath: str) -> dict[str, str] | None:
+    """An os-release style file in the merged view of `layers`, parsed; None if absent."""
+    from mobynit.compat import parse_os_release
+
+    found = lookup(layers, relpath)
+    if found is None or found[0] != "file":
+        return None
+    try:
+        text = read_file(found[1], RELEASE_LIMIT).decode("utf-8")
+    except UnicodeDecodeError:
+        raise StoreError(f"{found[1]}: not UTF-8 text") from None
+    return parse_os_release(text)
+
+
+def read_extension_release(layers: Sequence[str], name: str) -> dict[str, str] | None:
+    """The extension's `extension-release.<name>`: the one named after the
+    container, else the only one there is; None when it carries none."""
+    names = sorted(n for n in _names_in(layers, EXTENSION_RELEASE_DIR) if n.startswith("extension-release."))
+    if not names:
+        return None
+    wanted = f"extension-release.{name}"
+    if wanted not in names:
+        if len(names) > 1:
+            raise StoreError(
+                f"{layers[0]}/{EXTENSION_RELEASE_DIR}: {len(names)} extension-release files and none is {printable(wanted)}"
+            )
+        wanted = names[0]
+    return read_release_file(layers, f"{EXTENSION_RELEASE_DIR}/{wanted}") or {}
+
+
+def read_os_release(layers: Sequence[str]) -> dict[str, str]:
+    """The hostapp's os-release (etc/os-release, else usr/lib/os-release); {} if it has none.
+
+    Symlinks are not followed (etc/os-release is often one): the second path covers that.
+    """
+    for path in ("etc/os-release", "usr/lib/os-release"):
+        found = read_release_file(layers, path)
+        if found is not None:
+            return found
+    return {}
