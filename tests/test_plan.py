@@ -514,6 +514,11 @@ def _check(sc: dict) -> None:
     if k:
         assert len(kept(_build(sc, originals[:k]))) == k
 
+    # Every operation can be shown and recorded (plan prints them, assemble records them).
+    for op in p.operations:
+        assert op.describe().strip()
+        assert {"op", "source", "target", "fstype", "options", "owner"} <= set(op.as_json())
+
     # Determinism: the same input gives an equal plan, and equal JSON.
     again = _build(sc, list(decisions))
     assert again == p
