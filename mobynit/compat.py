@@ -51,7 +51,7 @@ def parse_os_release(text: str) -> dict[str, str]:
     cannot swallow the keys after it.
     """
     result: dict[str, str] = {}
-    for line in text.splitlines():
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):  # systemd's newlines only
         parsed = _assignment(line)
         if parsed is not None:
             result[parsed[0]] = parsed[1]
