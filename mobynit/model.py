@@ -21,9 +21,6 @@ class Record:
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         fields = self.__slots__
-        if self._defaults:
-            for key, value in self._defaults.items():
-                kwargs.setdefault(key, value)
         if args:
             if len(args) > len(fields):
                 raise TypeError(f"{type(self).__name__} takes {len(fields)} fields")
@@ -31,6 +28,9 @@ class Record:
                 if key in kwargs:
                     raise TypeError(f"{type(self).__name__}: field {key!r} given twice")
                 kwargs[key] = value
+        if self._defaults:
+            for key, value in self._defaults.items():
+                kwargs.setdefault(key, value)
         if len(kwargs) != len(fields):
             unknown = set(kwargs) - set(fields)
             missing = set(fields) - set(kwargs)

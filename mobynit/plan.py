@@ -413,6 +413,26 @@ def _container(item: object, hostapp: Container) -> Container:
     return c
 
 
+def _new_layers(hostapp: Container, kept: Sequence[Decision]) -> list[int]:
+    """For each of `kept` (in mount order), how many layers it adds to a flat root
+    that holds everything before it in the drop order: overrides, then normals.
+
+    Dropping from the end removes exactly these counts, because a layer shared
+    with an earlier-kept image stays listed (once) as long as that image stays.
+    """
+    seen = {layer.path for layer in hostapp.layers}
+    counts = []
+    for d in kept:
+        c = _container(d, hostapp)
+        n = 0
+        for layer in c.layers:
+            if layer.path not in seen:
+                seen.add(layer.path)
+                n += 1
+        counts.append(n)
+    return counts
+
+
 def _flat_layers(order: Sequence[object], hostapp: Container) -> list[tuple[str, Layer]]:
     """Every layer top first, each once: images built on the same base share layer
     directories, which one overlay must not list twice (ELOOP). The lower copy
@@ -489,16 +509,23 @@ def build(
             kept.append(d)
         final.append(d)
 
-    def root_problem(kept: Sequence[Decision]) -> str | None:
-        if layout == NESTED:
-            n = len(kept) + 1  # one mount point per image, named relative to the work directory
-            return _fits(len("lowerdir=") + _joined_len(len(kept)) + 1 + len(HOSTAPP), n, limit)
-        n = len(_flat_layers(_order(kept, hostapp), hostapp))
-        return _fits(len("lowerdir=") + _joined_len(n), n, limit)
+    def root_problem(entries: int) -> str | None:
+        if layout == NESTED:  # one mount point per image, named relative to the work directory
+            return _fits(len("lowerdir=") + _joined_len(entries - 1) + 1 + len(HOSTAPP), entries, limit)
+        return _fits(len("lowerdir=") + _joined_len(entries), entries, limit)
 
+    # The root's lower entries as extensions are dropped from the end of the
+    # mount order: counted once, then each drop takes its own entries away.
+    if layout == NESTED:
+        entries = len(kept) + 1
+        own = [1] * len(kept)
+    else:
+        own = _new_layers(hostapp, kept)
+        entries = len(hostapp.layers) + sum(own)
     dropped: dict[str, str] = {}
-    while kept and (problem := root_problem(kept)):
+    while kept and (problem := root_problem(entries)):
         d = kept.pop()
+        entries -= own.pop()
         dropped[d.extension.id] = f"dropped to fit the root mount: with it, {problem}"
     final = [d.drop(dropped[d.extension.id]) if d.extension.id in dropped else d for d in final]
     order = _order(kept, hostapp)
