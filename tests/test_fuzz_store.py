@@ -245,16 +245,20 @@ class Arena:
         self.all_layers = sorted(n for n in os.listdir(self.store / "overlay2") if n != "l")
         self.indexed = _index(self.dev)
         self.journal = Journal(self.store, self.stash)
+        (base / "hstash").mkdir()
+        self.hjournal = Journal(self.dev.sysroot, base / "hstash")  # the hostapp's os-release only
         self.snapshot = _snapshot(self.store)
         self.device_snapshot = _snapshot(device.data / "docker")
         self.hcontainer = Container(self.hstore, device.hostapp_id)
         self.hsnapshot = _snapshot(self.dev.sysroot)
+        self.names = sorted(device.extensions) + [f"app-{n}" for n in range(len(device.apps))]
 
     def mirror_of(self, rel: str) -> str:
         return str(self.mirror / rel)
 
     def reset(self) -> None:
         self.journal.undo()
+        self.hjournal.undo()
         for leftover in os.listdir(self.stash):
             if leftover != "hostapp":
                 _remove(str(self.stash / leftover))
@@ -341,6 +345,18 @@ _name_text = st.one_of(
     st.text(alphabet=st.characters(blacklist_characters="/\x00"), min_size=1, max_size=30),
 )
 
+_release_text = st.one_of(
+    st.lists(
+        st.tuples(st.sampled_from(["ID", "VERSION_ID", "SYSEXT_LEVEL", "ARCHITECTURE", "ID_LIKE", "SYSEXT_SCOPE", "X Y", "#"]),
+                  _hostile_text),
+        max_size=6,
+    ).map(lambda kv: "\n".join(f"{k}={v}" for k, v in kv).encode("utf-8", "surrogateescape")),
+    st.binary(max_size=200),
+    st.sampled_from([b'ID="open\nVERSION_ID=7', b"ID=_any\n", b"ID=balena-os\nVERSION_ID=6.0.0\n",
+                     b"ID=balena-os\nVERSION_ID=7.0.0\nARCHITECTURE=arm64\n", b"\\" * 1000, b"ID=" + b"'" * 5000]),
+)
+_payload = st.one_of(st.sampled_from(_NODE_KINDS[1:] + _SYMLINK_KINDS), _release_text)
+
 PLANT_PATHS = ("usr/share/hostapp/only-in-hostapp", "usr/share/hostapp", "usr/share", "etc/hostapp-file", "etc",
                "bin/busybox", "a\nb", "\x1b[2J", "usr/share/hostapp/\udcff")
 
@@ -363,6 +379,9 @@ corruption = st.one_of(
               st.sampled_from(["whiteout", "opaque", "file", "symlink-out"])),
     st.tuples(st.just("facts"), st.integers(0, 14), st.integers(0, 3), st.sampled_from(["nothing", "hostile", "deep", "types"]),
               _hostile_text),
+    st.tuples(st.just("release"), st.integers(0, 14), st.integers(0, 3),
+              st.sampled_from(["own", "other", "a\nb", "\udcff", "..", "*"]), _payload),
+    st.tuples(st.just("os-release"), st.sampled_from(["etc/os-release", "usr/lib/os-release"]), _payload),
     st.tuples(st.just("modules"), st.integers(0, 3), st.sampled_from(["lib", "lib/modules", f"lib/modules/{KERNEL_RELEASE}",
               f"lib/modules/{KERNEL_RELEASE}/Module.symvers"]), st.sampled_from(_NODE_KINDS + _SYMLINK_KINDS)),
 )
@@ -375,8 +394,24 @@ def _rel(a: Arena, where: tuple) -> str:
     return a.containers[i % len(a.containers)].part(part, k)
 
 
-def _make_node(a: Arena, rel: str, kind: str) -> None:
-    path = a.journal.take(rel)
+def _ensure_parents(journal: Journal, rel: str) -> bool:
+    """Create the missing directories above `rel`, journalling the topmost one; False if one is not a directory."""
+    parts = rel.split("/")
+    for n in range(1, len(parts)):
+        above = "/".join(parts[:n])
+        path = f"{journal.root}/{above}"
+        if not os.path.lexists(path):
+            if journal.take(above) is None:
+                return False
+            os.makedirs(f"{journal.root}/{'/'.join(parts[:-1])}")
+            return True
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+    return True
+
+
+def _make_node(a: Arena, rel: str, kind: str, journal: Journal | None = None) -> None:
+    path = (journal or a.journal).take(rel)
     if path is None:
         return
     if kind == "delete":
@@ -398,8 +433,9 @@ def _make_node(a: Arena, rel: str, kind: str) -> None:
         raise AssertionError(kind)
 
 
-def _make_symlink(a: Arena, rel: str, kind: str) -> None:
-    path = a.journal.take(rel)
+def _make_symlink(a: Arena, rel: str, kind: str, journal: Journal | None = None) -> None:
+    journal = journal or a.journal
+    path = journal.take(rel)
     if path is None:
         return
     parent = os.path.dirname(path)
@@ -416,7 +452,7 @@ def _make_symlink(a: Arena, rel: str, kind: str) -> None:
     }.get(kind)
     if kind == "loop2":
         other = rel + ".loop"
-        other_path = a.journal.take(other)
+        other_path = journal.take(other)
         if other_path is None:
             return
         os.symlink(os.path.basename(path), other_path)
@@ -451,6 +487,20 @@ def _plant(a: Arena, c: Container, k: int, where: str, how: str) -> None:
         Path(full).write_text("planted\n")
     else:
         os.symlink(str(a.decoy), full)
+
+
+def _put(a: Arena, journal: Journal, rel: str, payload: str | bytes) -> None:
+    """A file with these bytes, or a node of this kind, at `rel`, creating its directories."""
+    if not _ensure_parents(journal, rel):
+        return
+    if isinstance(payload, bytes):
+        path = journal.take(rel)
+        if path is not None:
+            Path(path).write_bytes(payload)
+    elif payload in _NODE_KINDS:
+        _make_node(a, rel, payload, journal)
+    else:
+        _make_symlink(a, rel, payload, journal)
 
 
 def _copy(src: str, dest: str) -> None:
@@ -671,6 +721,13 @@ def apply(a: Arena, c: tuple) -> None:
         if c[3] == "deep":
             text = text[:-1] + f', "x": {_deep(100000)}}}'
         _write(a, rel, text.encode())
+    elif kind == "release":  # systemd-sysext's file, which a compatibility gate reads
+        i = c[1] % len(a.containers)
+        name = {"own": a.names[i], "other": a.names[(i + 1) % len(a.names)]}.get(c[3], c[3])
+        rel = f"{a.containers[i].part('layer_diff', c[2])}/usr/lib/extension-release.d/extension-release.{name}"
+        _put(a, a.journal, rel, c[4])
+    elif kind == "os-release":  # the hostapp's: unreadable or garbled, it must not stop a boot
+        _put(a, a.hjournal, f"balena/{a.hcontainer.part('layer_diff', -1)}/{c[1]}", c[2])
     elif kind == "modules":
         abi = a.containers[sorted(a.pristine.extensions).index("ext-abi")]
         rel = f"{abi.part('layer_diff', 1)}/{c[2]}" if c[1] % 2 else f"{abi.part('top_diff', 0)}/{c[2]}"
@@ -927,6 +984,8 @@ def test_hostile_extension_store(arena: Arena, corruptions: list[tuple], variant
     finally:
         a.reset()
     assert _snapshot(a.store) == a.snapshot, f"undoing {corruptions} did not restore the store"
+    if any(c[0] == "os-release" for c in corruptions):
+        assert _snapshot(a.dev.sysroot) == a.hsnapshot, f"undoing {corruptions} did not restore the sysroot"
 
 
 HOSTAPP_PARTS = ("config", "mount_id", "top_lower", "lnk", "layer_diff", "cdir", "mdir", "top", "top_diff", "layer")
