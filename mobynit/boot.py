@@ -244,6 +244,10 @@ def run(console: Console, cmd: cmdline.Cmdline) -> int:
     from mobynit import __version__
 
     log(f"mobynit {__version__} on {os.uname().release}")
+    debug = console.debug
+    debug(f"command line: {cmd.text.strip()}")
+    debug(f"initramfs: init started at {boot.info['init_start']} s, modules loaded at "
+          f"{boot.info['modules_loaded']} s, python at {boot.info['python_start']} s")
     try:
         boot.mount_root()
         data = boot.mount_data()
@@ -260,6 +264,7 @@ def run(console: Console, cmd: cmdline.Cmdline) -> int:
         return EXIT_PANIC
     boot.info["init"] = init
     boot.info["phases"] = boot.phases
+    debug("phases: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in boot.phases.items()))
     boot.info["handover"] = round(uptime(), 3)
     record["boot"] = boot.info
     start = boot.info["init_start"] or boot.info["python_start"]

@@ -51,6 +51,37 @@ $bb poweroff -f
 """
 
 
+DEMO_INIT = r"""#!/bin/busybox sh
+# The demo hostapp's init: show the booted system's view, then power off.
+bb=/bin/busybox
+show() { echo "\$ $*"; $bb "$@" 2>&1; }
+echo
+echo "=== the booted system (PID $$, /sbin/init of the hostapp) ==="
+echo '$ grep -E " / | /mnt/sysroot/active " /proc/mounts'
+$bb grep -E " / | /mnt/sysroot/active " /proc/mounts
+show cat /etc/hostapp-file
+show cat /usr/share/tools/hello
+show cat /usr/share/firmware/blob
+show touch /etc/new-file
+show ls /.dockerenv
+show ls /mnt/sysroot/active
+echo '$ dmesg | grep -c "mobynit: "'
+$bb dmesg | $bb grep -c "mobynit: "
+show ls -l /run/mobynit/boot.json
+echo "DEMO-RECORD $($bb tr -d '\n' < /run/mobynit/boot.json)"
+echo "=== powering off ==="
+$bb poweroff -f
+"""
+
+
+def demo_hostapp() -> HostappSpec:
+    """The demo's hostapp: the probe hostapp's files with a talking init."""
+    spec = probe_hostapp()
+    first = dict(spec.layers[0].files)
+    first["sbin/init"] = File(DEMO_INIT, 0o755)
+    return HostappSpec(name="demo-hostapp", layers=(Layer(files=first), *spec.layers[1:]))
+
+
 def probe_hostapp(name: str = "hostapp", files: dict | None = None) -> HostappSpec:
     """A busybox hostapp whose init is the probe above, in three layers: the
     second adds the files a test wants, the third deletes one of them."""

@@ -122,8 +122,10 @@ class Result:
 class Run:
     """A running machine. Use as a context manager: QEMU never outlives it."""
 
-    def __init__(self, machine: Machine, log: Path | None = None, name: str = "machine") -> None:
+    def __init__(self, machine: Machine, log: Path | None = None, name: str = "machine",
+                 on_line: Callable[[float, str], None] | None = None) -> None:
         self.machine = machine
+        self.on_line = on_line
         self.name = name
         self.log_path = log
         self.console = Console()
@@ -164,6 +166,8 @@ class Run:
             for line in raw:
                 text = line.decode("utf-8", "replace").rstrip("\r")
                 self.console.lines.append((now, text))
+                if self.on_line is not None:
+                    self.on_line(now, text)
                 if self._log is not None:
                     self._log.write(f"{now:8.3f} {text}\n")
             if self._log is not None:

@@ -5,7 +5,7 @@ set -eu
 cd "$(dirname "$0")/.."
 
 PACKAGES="python3 python3-venv docker.io busybox-static e2fsprogs cpio qemu-system-x86 qemu-utils
-util-linux kmod debootstrap zstd gzip"
+util-linux kmod debootstrap zstd gzip fdisk"
 missing=""
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

@@ -49,10 +49,12 @@ SCENARIOS: dict[str, Scenario] = {
     "balena.disable_overlays": Scenario("four", "balena.disable_overlays"),
     "mobynit.no_overlays": Scenario("four", "mobynit.no_overlays"),
     "emergency": Scenario("four", "emergency"),
-    "switches-off": Scenario("four", "balena.nohostext=0 balena.disable_overlays=0 mobynit.no_overlays=0 emergency=no"),
+    # quiet: the kernel no longer echoes mobynit's kmsg lines; mobynit writes them itself.
+    "switches-off": Scenario(
+        "four", "balena.nohostext=0 balena.disable_overlays=0 mobynit.no_overlays=0 emergency=no quiet"),
     "names": Scenario(
         "four",
-        f"mobynit.data=UUID={disk.DATA_UUID} init=/sbin/init-alt",
+        f"mobynit.data=UUID={disk.DATA_UUID} init=/sbin/init-alt mobynit.debug",
         base="console=ttyS0 root=PARTUUID=6d6f6279-01",
     ),
     "no-data": Scenario("four-nodata", "mobynit.wait=2"),

@@ -203,6 +203,10 @@ def test_false_values_keep_extensions_on(booted):
     record = boot_record(res)
     assert record["disabled_by"] is None
     assert sum(e["included"] for e in record["extensions"]) == 4
+    # Under `quiet` the lines reach the console once, written by mobynit, not echoed by the kernel.
+    said = [line for _, line in res.console.lines if "mobynit: " in line]
+    assert said and all(line.startswith("mobynit: ") for line in said)
+    assert int(res.console.mark("kmsg")) == len(said)
 
 
 @uses("names")
@@ -214,6 +218,9 @@ def test_partuuid_uuid_and_init(booted):
     assert f"data UUID={boot_kit.disk.DATA_UUID} is /dev/vda2" in said, lines(res)
     assert res.console.mark("alt-init") == "1"  # init= ran first, as PID 1
     assert boot_record(res)["boot"]["init"] == "/sbin/init-alt"
+    # mobynit.debug: the extra lines are there.
+    assert any(line.startswith("command line: console=ttyS0 root=PARTUUID=") for line in said), lines(res)
+    assert any(line.startswith("phases: wait_root ") for line in said), lines(res)
     assert files(res)[HOSTAPP_FILE] == "patched by urgent"
 
 
