@@ -1064,8 +1064,10 @@ def apply_hostapp(h: _Host, c: tuple) -> None:
         elif kind == "content":
             new = c[2]
         else:
-            doc = json.loads(old)
-            new = json.dumps(_set_json(doc, c[1], c[2])).encode()
+            try:
+                new = json.dumps(_set_json(json.loads(old), c[1], c[2])).encode()
+            except ValueError:  # an earlier corruption broke it already
+                new = old
         Path(path).write_bytes(new)
     elif kind == "current":
         path = j.take("current")
@@ -1090,6 +1092,7 @@ def apply_hostapp(h: _Host, c: tuple) -> None:
 @given(st.lists(hostapp_corruption, min_size=1, max_size=3))
 @example([("current", "loop")])
 @example([("json", ("State",), 1)])
+@example([("truncate", "config", 0.0), ("json", ("ID",), 1)])
 def test_hostile_hostapp_is_one_error(arena: Arena, corruptions: list[tuple]) -> None:
     a = arena
     h = _Host(a)
