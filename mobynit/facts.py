@@ -16,7 +16,7 @@ write the layer's `diff/` itself, so it grants no power the store did not.
 
 from __future__ import annotations
 
-import json
+from mobynit import jsonio
 import os
 import stat
 
@@ -116,7 +116,7 @@ def save(layer_dir: str, layer_id: str, facts: LayerFacts) -> None:
     path = facts_path(layer_dir)
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, separators=(",", ":"))
+        f.write(jsonio.dumps(doc))
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
@@ -139,7 +139,7 @@ def load(layer_dir: str, layer_id: str) -> LayerFacts | None:
     """The recorded facts of a layer, or None when there are none worth trusting."""
     try:
         raw = read_file(facts_path(layer_dir), FACTS_LIMIT)
-        doc = json.loads(raw)
+        doc = jsonio.loads(raw)
         if not isinstance(doc, dict) or doc.get("version") != FACTS_VERSION or doc.get("id") != layer_id:
             return None
         paths = doc.get("paths")

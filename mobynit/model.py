@@ -12,6 +12,8 @@ TYPE_CHECKING = False  # `import typing` costs ~10 ms at boot
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+    from mobynit.facts import LayerFacts
+
 
 class Record:
     """A frozen value object whose fields are its `__slots__`."""
@@ -83,10 +85,12 @@ class Layer(Record):
     layers, `<id>/diff` for a container's own diff, which has no alias.
     """
 
-    __slots__ = ("id", "path", "link")
+    __slots__ = ("id", "path", "link", "facts")
+    _defaults = {"facts": None}
     id: str
     path: str
     link: str
+    facts: LayerFacts | None  # what `mobynit index` recorded about it, if anything (mobynit.facts)
 
 
 class Container(Record):

@@ -11,7 +11,7 @@ StoreError naming the file; the caller decides whether that sinks a boot
 
 from __future__ import annotations
 
-import json
+from mobynit import jsonio
 import os
 import stat
 
@@ -22,6 +22,8 @@ from mobynit.model import Container, Extension, KernelModules, Layer
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
+
+    from mobynit.facts import LayerFacts
 
 HEX = frozenset("0123456789abcdef")
 LINK_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -108,7 +110,7 @@ def _dir_has_entries(path: str) -> bool:
 def _parse_config(raw: bytes, path: str, cid: str) -> tuple[str, dict[str, str], str | None]:
     """(name, labels, state) from config.v2.json, with every type checked."""
     try:
-        doc = json.loads(raw)
+        doc = jsonio.loads(raw)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; absurd nesting recurses
         raise StoreError(f"{path}: not valid JSON ({str(e)[:120]})") from None
     if not isinstance(doc, dict):
@@ -165,10 +167,10 @@ class Store:
         self._require_shared_dir(self.containers)
         _require_dir(f"{self.containers}/{cid}")
         path = f"{self.containers}/{cid}/config.v2.json"
-        return self._load(cid, path, read_file(path, CONFIG_LIMIT))
+        return self._load(cid, path, _parse_config(read_file(path, CONFIG_LIMIT), path, cid))
 
-    def _load(self, cid: str, path: str, raw: bytes) -> Container:
-        name, labels, state = _parse_config(raw, path, cid)
+    def _load(self, cid: str, path: str, parsed: tuple[str, dict[str, str], str | None]) -> Container:
+        name, labels, state = parsed
         return Container(
             id=cid,
             name=name,
@@ -193,7 +195,7 @@ class Store:
         _require_dir(f"{top}/diff")
         stack: list[Layer] = []
         if _dir_has_entries(f"{top}/diff"):
-            stack.append(Layer(id=mount_id, path=f"{top}/diff", link=f"{mount_id}/diff"))
+            stack.append(Layer(id=mount_id, path=f"{top}/diff", link=f"{mount_id}/diff", facts=_facts(top, mount_id)))
         lower_path = f"{top}/lower"
         lower = _read_text(lower_path, 64 << 10)
         if not lower:
@@ -206,7 +208,7 @@ class Store:
                 raise StoreError(f"{lower_path}: lists layer {layer.id} twice")
             seen.add(layer.id)
             if layer.id != init_id:
-                stack.append(layer)
+                stack.append(layer.replace(facts=_facts(os.path.dirname(layer.path), layer.id)))
         if not stack:
             raise StoreError(f"{lower_path}: no image layers below the -init layer")
         return tuple(stack)
@@ -229,8 +231,9 @@ class Store:
         lid_ok = is_id(lid) or (lid.endswith("-init") and is_id(lid[:-5]))
         if dots != ".." or diff != "diff" or not lid_ok:
             raise StoreError(f"{link_path}: points to {target[:120]!r}, not ../<layer id>/diff")
-        _require_dir(f"{self.overlay2}/{lid}")
-        path = f"{self.overlay2}/{lid}/diff"
+        layer_dir = f"{self.overlay2}/{lid}"
+        _require_dir(layer_dir)
+        path = f"{layer_dir}/diff"
         _require_dir(path)
         return Layer(id=lid, path=path, link=f"l/{link}")
 
@@ -274,13 +277,15 @@ class Store:
         try:
             if not is_id(name):
                 raise StoreError(f"{shown}: directory name is not a 64-hex container id")
-            cname, labels, _ = _parse_config(raw, path, name)
+            parsed = _parse_config(raw, path, name)
+            cname, labels, _ = parsed
             if not wanted(labels):
                 return None
-            container = self._load(name, path, raw)
+            container = self._load(name, path, parsed)
             dirs = [layer.path for layer in container.layers]
-            modules = probe_modules(dirs, release)
-            ext_release = read_extension_release(dirs, cname)
+            known = [layer.facts for layer in container.layers]
+            modules = probe_modules(dirs, release, known)
+            ext_release = read_extension_release(dirs, cname, known)
         except StoreError as e:
             return Extension(id=name, name=_best_name(raw) or short, container=None, modules=None, fault=str(e))
         return Extension(id=name, name=cname, container=container, modules=modules, fault=None, release=ext_release)
@@ -289,7 +294,7 @@ class Store:
 def _best_name(raw: bytes) -> str | None:
     """The container's name from a config that failed a later check, if it has one."""
     try:
-        name = json.loads(raw).get("Name")
+        name = jsonio.loads(raw).get("Name")  # type: ignore[union-attr]
     except (ValueError, RecursionError, AttributeError):
         return None
     return name.removeprefix("/")[:80] if isinstance(name, str) and name else None
@@ -369,9 +374,33 @@ def lookup(layers: Sequence[str], relpath: str) -> tuple[str, str] | None:
     return None
 
 
-def probe_modules(layers: Sequence[str], release: str) -> KernelModules | None:
-    """What the stack carries under lib/modules/<release>, for the ABI check."""
+def _facts(layer_dir: str, layer_id: str) -> LayerFacts | None:
+    from mobynit.facts import load  # facts reads through this module: import late
+
+    return load(layer_dir, layer_id)
+
+
+def _surely_absent(known: Sequence[LayerFacts | None] | None, relpath: str) -> bool:
+    """True when every layer's recorded path list proves `relpath` absent: no syscalls needed."""
+    if not known:
+        return False
+    for f in known:
+        if f is None or f.paths is None or relpath in f.paths:
+            return False
+    return True
+
+
+def probe_modules(
+    layers: Sequence[str], release: str, known: Sequence[LayerFacts | None] | None = None
+) -> KernelModules | None:
+    """What the stack carries under lib/modules/<release>, for the ABI check.
+
+    `known` are the layers' recorded facts, when there are: they answer
+    "nothing there" for most extensions without touching the disk.
+    """
     if not release or "/" in release or release in (".", ".."):
+        return None
+    if _surely_absent(known, f"lib/modules/{release}"):
         return None
     found = lookup(layers, f"lib/modules/{release}")
     if found is None or found[0] != "dir":
@@ -431,9 +460,13 @@ def read_release_file(layers: Sequence[str], relpath: str) -> dict[str, str] | N
     return parse_os_release(text)
 
 
-def read_extension_release(layers: Sequence[str], name: str) -> dict[str, str] | None:
+def read_extension_release(
+    layers: Sequence[str], name: str, known: Sequence[LayerFacts | None] | None = None
+) -> dict[str, str] | None:
     """The extension's `extension-release.<name>`: the one named after the
     container, else the only one there is; None when it carries none."""
+    if _surely_absent(known, EXTENSION_RELEASE_DIR):
+        return None
     names = sorted(n for n in _names_in(layers, EXTENSION_RELEASE_DIR) if n.startswith("extension-release."))
     if not names:
         return None

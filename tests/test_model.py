@@ -160,3 +160,27 @@ def test_defaulted_field_by_position_or_keyword_or_left_out() -> None:
         _WithDefault(1)  # b has no default
     with pytest.raises(TypeError):
         _WithDefault(1, 2, 3, c=4)
+
+
+def test_jsonio_matches_json_without_importing_it() -> None:
+    """The boot path's JSON reader agrees with json, including its errors, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = r'''
+import sys
+from mobynit import jsonio
+assert "json" not in sys.modules and "re" not in sys.modules, sorted(m for m in ("json", "re") if m in sys.modules)
+assert jsonio.loads(b'{"a": [1, 2.5, "\\u00e9", null, true]}') == {"a": [1, 2.5, "\u00e9", None, True]}
+assert jsonio.dumps({"a": [1, "\u00e9", None]}) == '{"a":[1,"\\u00e9",null]}'
+for bad in ('{', '{"a": 1} x', '', '[1,]', '{"a" 1}', b'\xff', '\ufeff{}'):
+    try:
+        jsonio.loads(bad)
+    except ValueError:
+        continue
+    raise AssertionError(f"accepted {bad!r}")
+print("ok")
+'''
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parent.parent)})
+    assert out.stdout == "ok\n", out.stderr
