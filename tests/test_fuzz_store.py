@@ -1066,7 +1066,7 @@ def apply_hostapp(h: _Host, c: tuple) -> None:
         else:
             try:
                 new = json.dumps(_set_json(json.loads(old), c[1], c[2])).encode()
-            except ValueError:  # an earlier corruption broke it already
+            except (ValueError, TypeError):  # an earlier corruption broke it already
                 new = old
         Path(path).write_bytes(new)
     elif kind == "current":
