@@ -222,12 +222,14 @@ def mount_plan(
     log: Callable[[str], None],
     layout: str | None = None,
     timings: dict[str, float] | None = None,
+    exclude: Mapping[str, str] | None = None,
 ) -> tuple[Plan, list[str]]:
     """Execute a plan; when the kernel refuses an extension, rebuild without it.
 
+    `exclude` maps extension ids to the reason they are kept out from the start.
     Returns the plan that was carried out and the fallbacks taken on the way.
     """
-    exclude: dict[str, str] = {}
+    exclude = dict(exclude or {})
     fallbacks: list[str] = []
     mechanism: str | None = None
     spent = {"plan": 0.0, "mount": 0.0}
@@ -303,13 +305,32 @@ def assemble(
     purge_marker: str | None = None,
     extensions: bool = True,
     layout: str | None = None,
+    attempts_file: str | None = None,
 ) -> dict[str, object]:
-    """Mount the read-only root at `target`; return the record of what was done."""
+    """Mount the read-only root at `target`; return the record of what was done.
+
+    With `attempts_file`, boots with extensions are counted there, and after
+    `mobynit.max_tries` unconfirmed ones the hostapp is mounted alone (see attempts.py).
+    """
     timings: dict[str, float] = {}
     where = locate(sysroot, data, hostapp_store=hostapp_store, data_store=data_store, purge_marker=purge_marker)
-    sel = select(where, Cmdline(cmdline), kernel_release, extensions=extensions, timings=timings)
+    args = Cmdline(cmdline)
+    sel = select(where, args, kernel_release, extensions=extensions, timings=timings)
+    exclude: dict[str, str] = {}
+    tries = previous = None
+    if attempts_file is not None:
+        from mobynit import attempts
+
+        tries = attempts.max_tries(args.get(attempts.CMDLINE_MAX_TRIES))
+        previous = attempts.read(attempts_file)
+        planned = [d.extension.id for d in make_plan(sel, target=target, workdir=workdir, page_size=page_size, layout=layout).included]
+        _, giving_up = attempts.at_boot(previous, planned, tries)
+        if giving_up is not None:
+            log(giving_up)
+            exclude = dict.fromkeys(planned, giving_up)
     plan, fallbacks = mount_plan(
-        sel, target=target, workdir=workdir, page_size=page_size, log=log, layout=layout, timings=timings
+        sel, target=target, workdir=workdir, page_size=page_size, log=log, layout=layout, timings=timings,
+        exclude=exclude,
     )
     for line in describe_selection(plan):
         log(line)
@@ -318,7 +339,26 @@ def assemble(
     record = plan.as_json()
     record["fallbacks"] = fallbacks
     record["timings_ms"] = timings
+    if attempts_file is not None and previous is not None and tries is not None:
+        record["attempts"] = _count_attempt(attempts_file, previous, plan, exclude, tries, log)
     return record
+
+
+def _count_attempt(path: str, previous: object, plan: Plan, exclude: Mapping[str, str], tries: int,
+                   log: Callable[[str], None]) -> dict[str, object]:
+    """Record this boot in the attempts file; a failure to write is a warning, never a failed boot."""
+    from mobynit import attempts
+
+    assert isinstance(previous, attempts.Attempts)
+    mounted = list(exclude) if exclude else [d.extension.id for d in plan.included]
+    now, giving_up = attempts.at_boot(previous, mounted, tries)
+    if now != previous:
+        try:
+            attempts.write(path, now)
+        except OSError as e:
+            log(f"warning: cannot record this boot attempt in {path}: {e.strerror}")
+    return {"file": path, "extensions": list(now.extensions), "unconfirmed": now.unconfirmed,
+            "max_tries": tries, "fallback": now.fallback, "reason": giving_up}
 
 
 def write_record(path: str, record: Mapping[str, object]) -> None:

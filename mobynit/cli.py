@@ -76,8 +76,16 @@ def commands() -> list[Command]:
              _WORKDIR, _LAYOUT,
              Opt("--record", "FILE", f"where to write what was done (default: {DEFAULT_RECORD})", default=DEFAULT_RECORD),
              Opt("--no-record", None, "write no record", dest="record", const=None),
-             Opt("--quiet", None, "no decision lines on stderr", default=False)],
+             Opt("--quiet", None, "no decision lines on stderr", default=False),
+             Opt("--attempts", "FILE", "count boots with extensions here; give up on them after mobynit.max_tries unconfirmed ones")],
             cmd_assemble, exclusive=[_CMDLINE_SOURCES, ("--record", "--no-record")],
+        ),
+        Command(
+            "confirm", "Confirm that this boot is healthy: its extensions keep their place at the next boot.",
+            [Opt("--data", "DIR", "the data partition (default: /mnt/data)", default="/mnt/data"),
+             Opt("--attempts", "FILE", "the attempts file (default: DATA/mobynit/boot-attempts.json)"),
+             Opt("--retry-extensions", None, "after a fallback to the hostapp alone, try the extensions again", default=False)],
+            cmd_confirm,
         ),
         Command(
             "index", "Record each layer's whiteouts and opaque directories, so boot can mount one flat overlay.",
@@ -217,12 +225,28 @@ def cmd_assemble(args: Args) -> int:
         data_store=where.data_store,
         purge_marker=where.purge_marker,
         layout=_layout_choice(args),
+        attempts_file=args.attempts,
     )
     if args.record:
         try:
             write_record(args.record, record)
         except OSError as e:
             log(f"warning: cannot write the record {args.record}: {e.strerror}")
+    return 0
+
+
+def cmd_confirm(args: Args) -> int:
+    from mobynit import attempts
+
+    path = args.attempts or attempts.state_path(args.data)
+    previous = attempts.read(path)
+    now, message = attempts.confirmed(previous, args.retry_extensions)
+    if now != previous:
+        try:
+            attempts.write(path, now)
+        except OSError as e:
+            raise MobynitError(f"cannot record the confirmation in {path}: {e.strerror}") from None
+    print(f"{PROG}: {message}")
     return 0
 
 

@@ -1,0 +1,137 @@
+"""Boots with extensions that were never confirmed, and when to stop trying them.
+
+Seed 000: "an incorrect hostapp extension can leave your system in a
+non-working state". Each boot that mounts extensions counts one attempt in a
+small file on the data partition; the booted system confirms a healthy boot
+(`mobynit confirm`, from a unit that runs once the system is up), which
+resets the count. After `max_tries` unconfirmed boots in a row with the same
+set of extensions, the next boots mount the hostapp alone, until the set of
+extensions changes (an update, a removal) or someone runs
+`mobynit confirm --retry-extensions`.
+
+The file is tiny, written atomically (temporary file, fsync, rename, fsync of
+the directory); a torn or garbled one counts as no history, never as an error:
+the worst it can do is give the extensions their tries again.
+"""
+
+from __future__ import annotations
+
+import os
+
+from mobynit.model import Record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+VERSION = 1
+DEFAULT_MAX_TRIES = 3
+CMDLINE_MAX_TRIES = "mobynit.max_tries"
+STATE_NAME = "mobynit/boot-attempts.json"  # on the data partition
+
+
+class Attempts(Record):
+    """The extension set last booted, how many boots with it were not
+    confirmed, and whether boot has given up on it (hostapp only)."""
+
+    __slots__ = ("extensions", "unconfirmed", "fallback")
+    extensions: tuple[str, ...]
+    unconfirmed: int
+    fallback: bool
+
+
+NONE = Attempts(extensions=(), unconfirmed=0, fallback=False)
+
+
+def state_path(data: str) -> str:
+    return f"{data.rstrip('/')}/{STATE_NAME}"
+
+
+def read(path: str) -> Attempts:
+    """The recorded attempts; NONE when the file is missing, torn or garbled."""
+    from mobynit import jsonio
+    from mobynit.errors import StoreError
+    from mobynit.store import is_id, read_file
+
+    try:
+        doc = jsonio.loads(read_file(path, 1 << 20))
+    except (StoreError, ValueError, RecursionError):
+        return NONE
+    if not isinstance(doc, dict) or doc.get("version") != VERSION:
+        return NONE
+    ids, count, fallback = doc.get("extensions"), doc.get("unconfirmed"), doc.get("fallback")
+    if not isinstance(ids, list) or not all(isinstance(i, str) and is_id(i) for i in ids):
+        return NONE
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0 or not isinstance(fallback, bool):
+        return NONE
+    return Attempts(extensions=tuple(sorted(ids)), unconfirmed=count, fallback=fallback)
+
+
+def write(path: str, attempts: Attempts) -> None:
+    """Atomically and durably: a power cut leaves the old file or the new one."""
+    from mobynit import jsonio
+
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    doc = {
+        "version": VERSION,
+        "extensions": list(attempts.extensions),
+        "unconfirmed": attempts.unconfirmed,
+        "fallback": attempts.fallback,
+    }
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, (jsonio.dumps(doc) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def max_tries(value: str | None) -> int:
+    """`mobynit.max_tries=N` (N >= 1); anything else means the default."""
+    if value is not None and value.isascii() and value.isdigit() and 0 < int(value) < 1000:
+        return int(value)
+    return DEFAULT_MAX_TRIES
+
+
+def at_boot(previous: Attempts, planned: Sequence[str], tries: int) -> tuple[Attempts, str | None]:
+    """(what to record for this boot, why extensions must stay off or None).
+
+    `planned` are the ids of the extensions the plan includes. A boot without
+    extensions counts nothing; a new set of extensions gets its tries afresh.
+    """
+    current = tuple(sorted(planned))
+    if not current:
+        return previous, None
+    if current != previous.extensions:
+        return Attempts(extensions=current, unconfirmed=1, fallback=False), None
+    if previous.fallback:
+        return previous, (
+            f"these extensions failed {previous.unconfirmed} unconfirmed boots in a row; still mounting the hostapp"
+            " alone (until they change, or `mobynit confirm --retry-extensions`)"
+        )
+    if previous.unconfirmed >= tries:
+        return previous.replace(fallback=True), (
+            f"{previous.unconfirmed} boots in a row with these extensions were never confirmed"
+            f" ({CMDLINE_MAX_TRIES}={tries}): mounting the hostapp alone"
+        )
+    return previous.replace(unconfirmed=previous.unconfirmed + 1), None
+
+
+def confirmed(previous: Attempts, retry: bool) -> tuple[Attempts, str]:
+    """(what `mobynit confirm` records, what to tell the user)."""
+    if previous.fallback and not retry:
+        return previous, (
+            "this boot was healthy without its extensions, which stay off;"
+            " `mobynit confirm --retry-extensions` gives them their tries again"
+        )
+    if previous.fallback:
+        return previous.replace(unconfirmed=0, fallback=False), "extensions will be mounted again at the next boot"
+    return previous.replace(unconfirmed=0), "boot confirmed"
