@@ -2,23 +2,19 @@
 
 `docker build` per extension takes about half a second; for 500 extensions
 (the overlayfs layer limit, issue 4) the images are instead written as one
-docker-archive and loaded with a single `docker load`, then created through
-the engine's API. The engine still writes every byte of the store.
+docker-archive and loaded with a single `docker load` (harness.device.load_images),
+then created through the engine's API. The engine still writes every byte of the store.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
-import tarfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import attrs
 
-from harness.device import OVERLAY_CLASS, Device, HostappSpec, Layer, build_device, layer_tar
+from harness.device import OVERLAY_CLASS, Device, HostappSpec, Layer, build_device, load_images
 from harness.engine import Engine
 
 
@@ -27,38 +23,6 @@ class BulkImage:
     tag: str
     layers: tuple[Layer, ...]
     labels: Mapping[str, str] = attrs.field(factory=dict)
-
-
-def archive(images: Sequence[BulkImage]) -> bytes:
-    """One docker-archive (`docker save` format) holding every image."""
-    members: dict[str, bytes] = {}
-    manifest = []
-    for n, image in enumerate(images):
-        tars = [layer_tar(layer) for layer in image.layers]
-        config = {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Labels": dict(image.labels), "Cmd": ["/bin/true"]},
-            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]},
-            "history": [{"created_by": f"bulk layer {i}"} for i in range(len(tars))],
-        }
-        config_bytes = json.dumps(config, sort_keys=True).encode()
-        image_id = hashlib.sha256(config_bytes).hexdigest()
-        members[f"{image_id}.json"] = config_bytes
-        names = []
-        for i, t in enumerate(tars):
-            name = f"{n}-{i}/layer.tar"
-            members[name] = t
-            names.append(name)
-        manifest.append({"Config": f"{image_id}.json", "RepoTags": [image.tag], "Layers": names})
-    members["manifest.json"] = json.dumps(manifest).encode()
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def extension_images(count: int, *, overrides_every: int = 0, layers: int = 1, prefix: str = "ext") -> list[BulkImage]:
@@ -80,7 +44,7 @@ def add_containers(data_store: Path, images: Sequence[BulkImage]) -> dict[str, s
     engine = Engine(data_store)
     try:
         engine.start()
-        engine.docker("load", "-q", input=archive(images))
+        load_images(engine, [(image.tag, image.layers, image.labels) for image in images])
         ids = {}
         for image in images:
             name = image.tag.split(":")[0]
