@@ -96,29 +96,28 @@ class Boot:
             return DEFAULT_WAIT
         return seconds
 
-    def find(self, param: str, text: str, phase: str) -> str | None:
-        """The device `text` names, waited for; None when it does not come."""
+    def find(self, what: str, text: str, phase: str) -> tuple[str | None, str]:
+        """(device path, or None and why not) for the partition `text` names."""
         try:
             spec = blockdev.DeviceSpec(text)
         except ValueError as e:
-            self.log(f"{param}: {e}")
-            return None
+            return None, f"{what}: {e}"
         start = time.monotonic()
         path, waited = blockdev.wait_for(spec, self.wait(), log=self.log)
         self.timed(phase, start)
         if path is None:
-            self.log(f"{param}{spec} did not appear within {waited:.1f} s")
-        elif waited > 0:
+            return None, f"{what} {spec} did not appear within {waited:.1f} s"
+        if waited > 0:
             self.log(f"{spec} appeared as {path} after {waited:.2f} s")
-        return path
+        return path, ""
 
     def mount_root(self) -> None:
         text = self.cmd.get("root")
         if not text:
             raise HostappError("no root= on the kernel command line: cannot find the root partition")
-        path = self.find("root=", text, "wait_root")
+        path, why = self.find("root partition", text, "wait_root")
         if path is None:
-            raise HostappError(f"root partition {text} not found")
+            raise HostappError(why)
         fstype = self.cmd.get("rootfstype") or "ext4"
         start = time.monotonic()
         os.makedirs(SYSROOT, exist_ok=True)
@@ -144,10 +143,10 @@ class Boot:
             record["reason"] = "mobynit.data=none"
             self.log("no data partition (mobynit.data=none): no extensions")
             return None
-        path = self.find("data partition ", text, "wait_data")
+        path, why = self.find("data partition", text, "wait_data")
         if path is None:
-            record["reason"] = "not found"
-            self.log("booting without extensions: no data partition")
+            record["reason"] = why
+            self.log(f"{why}: booting without extensions")
             return None
         start = time.monotonic()
         os.makedirs(DATA, exist_ok=True)

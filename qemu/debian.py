@@ -94,9 +94,10 @@ def build(workdir: Path, cache: Path) -> Device:
     sysroot, data = workdir / "sysroot", workdir / "data"
     sysroot.mkdir(parents=True)
     data.mkdir(parents=True)
-    with tempfile.TemporaryDirectory(prefix="mobynit-debian.") as tmp:
+    # Staged beside the cache, so hard links keep the copy cheap; the import
+    # must not carry the cache's stamp.
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".stage.") as tmp:
         staged = Path(tmp) / "tree"
-        # The import must not carry the cache's stamp; hard links keep the copy cheap.
         subprocess.run(["cp", "-a", "--link", str(base_tree), str(staged)], check=True)
         (staged / ".complete").unlink()
         for d in EXTRA_DIRS:

@@ -61,6 +61,7 @@ SCENARIOS: dict[str, Scenario] = {
     "no-marker": Scenario("four-nomarker"),
     "corrupt": Scenario("corrupt"),
     "broken": Scenario("broken"),
+    "no-root": Scenario("four", "mobynit.wait=1 panic=1", base="console=ttyS0 root=LABEL=nowhere"),
     "broken-shell": Scenario(
         "broken",
         "mobynit.shell",
