@@ -299,6 +299,8 @@ def index_layers(engine_root: str, cid: str) -> str | None:
     one flat root (see mobynit.facts); returns what went wrong, if anything."""
     from mobynit import facts, store
 
+    if not os.path.isdir(f"{engine_root}/image/overlay2/layerdb/mounts/{cid}"):
+        return None  # not a container of this engine's store (ctr run, another engine): nothing to index
     try:
         layers = store.Store(engine_root).layers(cid)
         facts.index([(layer.id, os.path.dirname(layer.path)) for layer in layers])
