@@ -4,9 +4,10 @@
 
 holds busybox-static (the shell, switch_root, insmod), Debian's python3.11
 with the shared libraries it links and only the standard library modules
-the boot path imports (found by importing it in a clean interpreter, as
-sourceless bytecode), the `mobynit` package, the kernel modules the root
-needs in load order, and /init.
+the boot path can import (read from the package's sources, then resolved
+by a clean interpreter; as sourceless bytecode), those modules of the
+`mobynit` package, the kernel modules the root needs in load order, and
+/init. The same inputs give the same archive, byte for byte.
 
 `--modules` is a kernel's /lib/modules/<release> directory (an extracted
 Debian linux-image package will do); drivers the kernel has built in are
@@ -182,7 +183,7 @@ def _compile(src: Path, dest: Path) -> None:
 
 def populate(root: Path, modules_dir: Path, source: Path = REPO) -> dict[str, object]:
     """Fill `root` with the initramfs's files; returns what went in."""
-    for d in ("proc", "sys", "dev", "run", "newroot", "sysroot", "data", "mobynit", "tmp", "root"):
+    for d in ("proc", "sys", "dev", "run", "newroot", "sysroot", "data", "tmp", "root"):
         (root / d).mkdir(parents=True, exist_ok=True)
     os.mknod(root / "dev/console", 0o600 | 0o020000, os.makedev(5, 1))
     os.mknod(root / "dev/null", 0o666 | 0o020000, os.makedev(1, 3))
@@ -245,6 +246,8 @@ def populate(root: Path, modules_dir: Path, source: Path = REPO) -> dict[str, ob
 
 def archive(root: Path, output: Path) -> None:
     """newc cpio, owned by root, sorted, with fixed times: reproducible."""
+    for path in [*root.rglob("*"), root]:
+        os.utime(path, (0, 0), follow_symlinks=False)
     names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     listing = "\n".join([".", *names]) + "\n"
     cpio = subprocess.run(
@@ -252,7 +255,7 @@ def archive(root: Path, output: Path) -> None:
         cwd=root, input=listing.encode(), check=True, capture_output=True,
     ).stdout
     tmp = output.with_suffix(output.suffix + ".tmp")
-    with open(tmp, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", compresslevel=9, mtime=0) as gz:
+    with open(tmp, "wb") as f, gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=9, mtime=0) as gz:  # no name in the header
         gz.write(cpio)
     os.replace(tmp, output)
 

@@ -48,8 +48,8 @@ EXIT_PANIC = 1
 NEWROOT = "/newroot"
 SYSROOT = "/sysroot"
 DATA = "/data"
-WORKDIR = "/mobynit/work"
-HANDOVER = "/mobynit/handover"
+WORKDIR = "/tmp/mobynit/work"  # in the initramfs: gone with it
+HANDOVER = "/tmp/mobynit/handover"
 RECORD = DEFAULT_RECORD  # where the booted system finds it
 ACTIVE = "/mnt/sysroot/active"
 MOVED = ("/dev", "/proc", "/sys", "/run")
@@ -272,6 +272,7 @@ def run(console: Console, cmd: cmdline.Cmdline) -> int:
         assembler.write_record(NEWROOT + RECORD, record)
     except OSError as e:
         log(f"boot record not written: {e.strerror}")
+    os.makedirs(os.path.dirname(HANDOVER), exist_ok=True)
     with open(HANDOVER, "w", encoding="utf-8") as f:
         f.write(init + "\n")
     return EXIT_HANDOVER

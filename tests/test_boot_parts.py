@@ -260,3 +260,7 @@ def test_initramfs_runs_the_boot_imports_in_a_chroot(kernel_modules, tmp_path):
     assert res.stdout.strip() == "e3b0c442"
     load = (root / "lib/modules/load-order").read_text().split()
     assert load == [Path(p).name for p in initramfs.module_order(kernel_modules)]
+    # Reproducible: the same inputs give the same bytes.
+    again = tmp_path / "again.gz"
+    initramfs.build(kernel_modules, again)
+    assert again.read_bytes() == out.read_bytes()
