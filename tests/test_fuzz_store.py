@@ -35,7 +35,7 @@ Hostapp side: corruptions that always break the hostapp give exit status 1
 and exactly one `mobynit: error:` line, from `plan` and `assemble` alike.
 
 MOBYNIT_FUZZ_EXAMPLES sets the number of extension-side examples (default
-250); MOBYNIT_FUZZ_HOSTAPP_EXAMPLES the hostapp side's (default 40). See
+300); MOBYNIT_FUZZ_HOSTAPP_EXAMPLES the hostapp side's (default 60). See
 docs/fuzzing.md.
 """
 
@@ -64,8 +64,8 @@ from mobynit import cli, syscalls
 
 pytestmark = pytest.mark.engine
 
-EXAMPLES = int(os.environ.get("MOBYNIT_FUZZ_EXAMPLES", "250"))
-HOSTAPP_EXAMPLES = int(os.environ.get("MOBYNIT_FUZZ_HOSTAPP_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("MOBYNIT_FUZZ_EXAMPLES", "300"))
+HOSTAPP_EXAMPLES = int(os.environ.get("MOBYNIT_FUZZ_HOSTAPP_EXAMPLES", "60"))
 CANARY = "ESCAPED-FROM-THE-STORE"
 HEX = frozenset("0123456789abcdef")
 LINK_CHARS = frozenset(string.ascii_uppercase + string.digits)
