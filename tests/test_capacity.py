@@ -42,28 +42,44 @@ def check_options(doc: dict, page: int) -> None:
             assert len(m["options"].split(":")) <= 500
 
 
+@pytest.fixture
+def bulk498(bulk, tmp_path: Path):
+    """The bulk store less its last two extensions: a two-layer hostapp and 498 one-layer
+    extensions make exactly overlayfs's 500 lower layers."""
+    import shutil
+
+    from harness.device import copy_device
+
+    dev = copy_device(bulk, tmp_path / "copy")
+    for name in ("ext-0498", "ext-0499"):
+        shutil.rmtree(dev.data / "docker" / "containers" / dev.extensions[name])
+    return dev
+
+
 @pytest.mark.parametrize("release", [OLD, NEW])
-def test_500_layers_with_a_4k_page(bulk, tmp_path: Path, release: str) -> None:
-    doc = plan(bulk, release=release, extra=("--page-size", "4096"))
+def test_500_layers_with_a_4k_page(bulk498, tmp_path: Path, release: str) -> None:
+    doc = plan(bulk498, release=release, extra=("--page-size", "4096"))
     assert doc["layout"] == "flat" and doc["mechanism"] == ("fsconfig" if lowerdir_plus_supported(release) else "mount")
+    assert doc["stacking_depth"] == 1
     check_options(doc, 4096)
-    names = included(doc)
-    assert len(names) == 498, "hostapp (2 layers) + 498 extensions = overlayfs's 500"
-    dropped = {e["name"]: e["reason"] for e in doc["extensions"] if not e["included"]}
-    assert sorted(dropped) == ["ext-0498", "ext-0499"], "the last normal extensions by name go first"
-    assert all("more than overlayfs's 500" in r for r in dropped.values())
-    with assembled(bulk, tmp_path, release=release, extra=("--page-size", "4096")) as (root, record, _):
+    assert len(included(doc)) == 498 and all(e["included"] for e in doc["extensions"]), "none dropped"
+    lowers = doc["mounts"][0]["layers"] if doc["mechanism"] == "fsconfig" else doc["mounts"][1]["options"].split(":")
+    assert len(lowers) == 500
+    with assembled(bulk498, tmp_path, release=release, extra=("--page-size", "4096")) as (root, record, _):
         assert len(included(record)) == 498
         shared = set(os.listdir(root / "usr/share"))
         assert {f"ext-{i:04d}" for i in range(498)} | {"hostapp"} == shared
         assert (root / "etc/hostapp-file").read_text() == "hostapp\n"
 
 
-def test_nested_takes_one_lower_per_image(bulk) -> None:
-    doc = plan(bulk, release=OLD, extra=("--layout", "nested"))
-    assert doc["layout"] == "nested" and doc["stacking_depth"] == 2
+def test_past_500_layers_the_drop_rules_apply(bulk) -> None:
+    """500 extensions: flat would keep 498, nested (one lower per image) 499, so nested wins."""
+    doc = plan(bulk, release=OLD, extra=("--page-size", "4096"))
     check_options(doc, 4096)
-    assert len(included(doc)) == 499 and [e["name"] for e in doc["extensions"] if not e["included"]] == ["ext-0499"]
+    assert doc["layout"] == "nested" and "flat root would drop 1 more extension" in doc["layout_reason"]
+    dropped = {e["name"]: e["reason"] for e in doc["extensions"] if not e["included"]}
+    assert list(dropped) == ["ext-0499"], "the last normal extension by name goes first"
+    assert "501 lower layers, more than overlayfs's 500" in dropped["ext-0499"]
 
 
 def test_small_page_drops_normal_extensions_from_the_last(bulk, tmp_path: Path) -> None:
