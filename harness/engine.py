@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import mounts
+from mobynit.manager import UnixConnection
 
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"  # Debian's client; /usr/local/bin/docker is another one
@@ -44,22 +43,6 @@ def _die_with_parent() -> None:
     # If the test process is killed outright, dockerd gets SIGTERM and shuts
     # its containerd down instead of outliving the session.
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 FileData = bytes | str
@@ -338,7 +321,7 @@ class Engine:
         return res.stdout.decode(errors="replace")
 
     def _request(self, method: str, path: str, body: bytes | None, timeout: float) -> tuple[int, bytes]:
-        conn = _UnixHTTPConnection(str(self.socket_path), timeout)
+        conn = UnixConnection(str(self.socket_path), timeout)
         try:
             headers = {"Content-Type": "application/json"} if body is not None else {}
             conn.request(method, path, body=body, headers=headers)
@@ -486,7 +469,7 @@ class Engine:
             conns = []
             try:
                 for name in batch:
-                    conn = _UnixHTTPConnection(str(self.socket_path), 60.0)
+                    conn = UnixConnection(str(self.socket_path), 60.0)
                     conns.append(conn)
                     query = urllib.parse.urlencode({"name": name})
                     conn.request("POST", f"/containers/create?{query}", body=body,

@@ -49,7 +49,9 @@ class EngineAPIError(MobynitError):
 # --- the engine API ---------------------------------------------------------------
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP to the engine's API socket (also used by the test harness)."""
+
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self.unix_path = path
@@ -82,7 +84,7 @@ class EngineClient:
     def request(self, method: str, path: str) -> tuple[int, object]:
         """(status, decoded JSON body or None)."""
         where = f"{method} {path} on {self.socket_path}"
-        conn = _UnixConnection(self.socket_path, self.timeout)
+        conn = UnixConnection(self.socket_path, self.timeout)
         try:
             conn.request(method, path)
             resp = conn.getresponse()
