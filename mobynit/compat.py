@@ -212,8 +212,8 @@ def sysext_verdict(
     `ext_release` is the parsed `extension-release.<ext_name>` (None when the
     extension has none: then only the balena rules apply); `host_release` the
     hostapp's os-release; `host_arch` in systemd's naming (see `architecture`).
-    The rules, in systemd's order: ARCHITECTURE, when set and not `_any`,
-    names the host's; SYSEXT_SCOPE, when set, includes `system`; ID is set,
+    The rules, in systemd's order: SYSEXT_SCOPE, when set, includes
+    `system`; ARCHITECTURE, when set and not `_any`, names the host's; ID is set,
     and is `_any` (which skips the version checks) or the host's ID or one of
     its ID_LIKE; then, unless the host declares no version at all (a rolling
     release), SYSEXT_LEVEL must be equal when both sides set it, otherwise
@@ -224,12 +224,12 @@ def sysext_verdict(
     what = f"extension-release.{shown(ext_name, 60)}"
     if not ext_release:
         return f"{what} holds no release data"
-    arch = ext_release.get("ARCHITECTURE") or ""
-    if arch and arch != ANY and arch != host_arch:
-        return f"{what}: built for architecture {shown(arch, 40)}, this machine is {shown(host_arch, 40)}"
     scope = ext_release.get("SYSEXT_SCOPE")
     if scope is not None and SCOPE not in scope.split():
         return f"{what}: SYSEXT_SCOPE={shown(scope, 40)} does not include {SCOPE}"
+    arch = ext_release.get("ARCHITECTURE") or ""
+    if arch and arch != ANY and arch != host_arch:
+        return f"{what}: built for architecture {shown(arch, 40)}, this machine is {shown(host_arch, 40)}"
     ext_id = ext_release.get("ID") or ""
     if not ext_id:
         return f"{what} has no ID (set it to the OS's ID, or {ANY})"
