@@ -95,7 +95,7 @@ def _swap_sysctl(path: str, value: str) -> str | None:
             before = f.read().strip()
         if before != value:
             with open(path, "w", encoding="ascii") as f:
-                f.write(value)
+                f.write(value + "\n")  # the kernel takes the word only with its newline
         return before
     except OSError:
         return None

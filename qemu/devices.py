@@ -9,6 +9,7 @@ The probe init prints `MARK <name> <value>` lines on the serial console
   active        what /mnt/sysroot/active holds       dockerenv  yes/no
   file          "<path> <first line>" for each file under /etc and /usr/share
   bootjson      /run/mobynit/boot.json on one line   kmsg       mobynit lines in dmesg
+  devkmsg       kernel.printk_devkmsg as handed over
   mount         one per /proc/mounts line            cmdline    /proc/cmdline
 """
 
@@ -46,6 +47,7 @@ else
     mark bootjson none
 fi
 mark kmsg "$($bb dmesg | $bb grep -c 'mobynit: ')"
+mark devkmsg "$($bb cat /proc/sys/kernel/printk_devkmsg)"
 mark done
 $bb poweroff -f
 """
@@ -125,10 +127,17 @@ def three_extensions() -> tuple[ExtensionSpec, ...]:
     )
 
 
-def four_extensions() -> tuple[ExtensionSpec, ...]:
-    """The demo's three and a second override that outranks the first (5 < 10)."""
+def test_extensions(kernel_release: str) -> tuple[ExtensionSpec, ...]:
+    """The demo's three, a second override that outranks the first (5 < 10),
+    and a pair labelled for a kernel version: the running one (kept) and an
+    old one (dropped), as the booted kernel reports its release."""
+    running = kernel_release.split("-", 1)[0]
     urgent = extension("urgent", {"etc/hostapp-file": "patched by urgent\n"}, override=5)
-    return (*three_extensions(), urgent)
+    kmod_ok = extension("kmod-ok", {"usr/share/kmod-ok/hello": f"built for {running}\n"},
+                        labels={"io.balena.image.kernel-version": running})
+    kmod_old = extension("kmod-old", {"usr/share/kmod-old/hello": "built for 5.15.0\n"},
+                         labels={"io.balena.image.kernel-version": "5.15.0"})
+    return (*three_extensions(), urgent, kmod_ok, kmod_old)
 
 
 def build(workdir: Path, hostapp: HostappSpec, extensions=(), purge_marker: bool = True,

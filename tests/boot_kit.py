@@ -44,30 +44,30 @@ def plug_when_waiting(run: runner.Run) -> None:
 
 SCENARIOS: dict[str, Scenario] = {
     "hostapp-alone": Scenario("bare"),
-    "extensions": Scenario("four"),
-    "balena.nohostext": Scenario("four", "balena.nohostext"),
-    "balena.disable_overlays": Scenario("four", "balena.disable_overlays"),
-    "mobynit.no_overlays": Scenario("four", "mobynit.no_overlays"),
-    "emergency": Scenario("four", "emergency"),
+    "extensions": Scenario("full"),
+    "balena.nohostext": Scenario("full", "balena.nohostext"),
+    "balena.disable_overlays": Scenario("full", "balena.disable_overlays"),
+    "mobynit.no_overlays": Scenario("full", "mobynit.no_overlays"),
+    "emergency": Scenario("full", "emergency"),
     # quiet: the kernel no longer echoes mobynit's kmsg lines; mobynit writes them itself.
     "switches-off": Scenario(
-        "four", "balena.nohostext=0 balena.disable_overlays=0 mobynit.no_overlays=0 emergency=no quiet"),
+        "full", "balena.nohostext=0 balena.disable_overlays=0 mobynit.no_overlays=0 emergency=no quiet"),
     "names": Scenario(
-        "four",
+        "full",
         f"mobynit.data=UUID={disk.DATA_UUID} init=/sbin/init-alt mobynit.debug",
         base="console=ttyS0 root=PARTUUID=6d6f6279-01",
     ),
-    "no-data": Scenario("four-nodata", "mobynit.wait=2"),
-    "no-marker": Scenario("four-nomarker"),
+    "no-data": Scenario("full-nodata", "mobynit.wait=2"),
+    "no-marker": Scenario("full-nomarker"),
     "corrupt": Scenario("corrupt"),
     "broken": Scenario("broken"),
-    "no-root": Scenario("four", "mobynit.wait=1 panic=1", base="console=ttyS0 root=LABEL=nowhere"),
+    "no-root": Scenario("full", "mobynit.wait=1 panic=1", base="console=ttyS0 root=LABEL=nowhere"),
     "broken-shell": Scenario(
         "broken",
         "mobynit.shell",
         steps=((r"mobynit: starting a rescue shell", "echo RESCUE-$((6*7))\n"), (r"^RESCUE-42", "poweroff -f\n")),
     ),
-    "late-data": Scenario("four-nodata", late_disk="four-dataonly"),
+    "late-data": Scenario("full-nodata", late_disk="full-dataonly"),
     "debian": Scenario("debian", timeout=300.0),
 }
 
@@ -93,8 +93,9 @@ def _layer_dir(store: Path, container_id: str) -> Path:
 class Disks:
     """Disk images by name, each built (with real engines) on first use."""
 
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, kernel_release: str) -> None:
         self.work = work
+        self.kernel_release = kernel_release
         self.devices: dict[str, Device] = {}
         self.disks: dict[str, disk.Disk] = {}
         self.seconds: dict[str, float] = {}
@@ -105,8 +106,8 @@ class Disks:
             where = self.work / name
             if name == "bare":
                 dev = build_device(where, devices.probe_hostapp())
-            elif name == "four":
-                dev = build_device(where, devices.probe_hostapp(), devices.four_extensions())
+            elif name == "full":
+                dev = build_device(where, devices.probe_hostapp(), devices.test_extensions(self.kernel_release))
             elif name == "debian":
                 dev = debian.build(where, CACHE)
             else:
@@ -123,34 +124,34 @@ class Disks:
         return self.disks[name]
 
     def _make(self, name: str, path: Path) -> disk.Disk:
-        if name in ("bare", "four", "debian"):
+        if name in ("bare", "full", "debian"):
             dev = self.device(name)
             return disk.device_disk(path, dev.sysroot, dev.data)
-        four = self.device("four")
-        if name == "four-nodata":
-            return disk.device_disk(path, four.sysroot, None)
-        if name == "four-dataonly":
-            return disk.data_disk(path, four.data)
-        if name == "four-nomarker":
-            data = _copy_tree(four.data, self.work / "data-nomarker")
+        full = self.device("full")
+        if name == "full-nodata":
+            return disk.device_disk(path, full.sysroot, None)
+        if name == "full-dataonly":
+            return disk.data_disk(path, full.data)
+        if name == "full-nomarker":
+            data = _copy_tree(full.data, self.work / "data-nomarker")
             (data / "remove_me_to_reset").unlink()
-            return disk.device_disk(path, four.sysroot, data)
+            return disk.device_disk(path, full.sysroot, data)
         if name == "corrupt":
-            data = _copy_tree(four.data, self.work / "data-corrupt")
+            data = _copy_tree(full.data, self.work / "data-corrupt")
             store = data / "docker"
             # A write cut short: still says it is an extension, no longer JSON.
-            config = store / "containers" / four.extensions["tools"] / "config.v2.json"
+            config = store / "containers" / full.extensions["tools"] / "config.v2.json"
             raw = config.read_text()
             cut = raw.rindex("io.balena.image.class") + 40
             assert cut < len(raw) - 1, "the label is too near the end of config.v2.json to cut after it"
             config.write_text(raw[:cut])
-            shutil.rmtree(_layer_dir(store, four.extensions["firmware"]) / "diff")
-            return disk.device_disk(path, four.sysroot, data)
+            shutil.rmtree(_layer_dir(store, full.extensions["firmware"]) / "diff")
+            return disk.device_disk(path, full.sysroot, data)
         if name == "broken":
-            sysroot = _copy_tree(four.sysroot, self.work / "sysroot-broken")
+            sysroot = _copy_tree(full.sysroot, self.work / "sysroot-broken")
             (sysroot / "current").unlink()
             (sysroot / "current").symlink_to("hostapps/" + "0" * 64)
-            return disk.device_disk(path, sysroot, four.data)
+            return disk.device_disk(path, sysroot, full.data)
         raise KeyError(f"no disk named {name}")
 
 
@@ -234,4 +235,4 @@ def make_kit(work: Path, log: Callable[[str], None]) -> Kit:
     summary = initramfs.build(k.modules, initrd)
     log(f"[boot] kernel {k.release}, initramfs {summary['gzip_bytes'] / 1e6:.1f} MB gzipped "
         f"({time.monotonic() - start:.1f} s)")
-    return Kit(kernel=k, initrd=initrd, initrd_summary=summary, disks=Disks(work))
+    return Kit(kernel=k, initrd=initrd, initrd_summary=summary, disks=Disks(work, k.release))

@@ -155,16 +155,31 @@ def test_extensions_add_files_and_overrides_replace(booted):
 
 
 @uses("extensions")
+def test_kernel_version_label_against_the_booted_kernel(booted, kit):
+    res = booted("extensions")
+    reached_init(res)
+    running = kit.kernel.release.split("-")[0]
+    assert files(res)["/usr/share/kmod-ok/hello"] == f"built for {running}"
+    assert "/usr/share/kmod-old/hello" not in files(res)
+    assert f"extension kmod-old: skipped: built for kernel 5.15.0, running kernel is {running}" in res.console.mobynit()
+    assert boot_record(res)["kernel_release"] == kit.kernel.release
+
+
+@uses("extensions")
 def test_extensions_stack_in_the_documented_order(booted):
     res = booted("extensions")
     reached_init(res)
     record = boot_record(res)
-    assert _root_order(record) == ["urgent", "hotfix", "hostapp", "firmware", "tools"]
+    assert _root_order(record) == ["urgent", "hotfix", "hostapp", "firmware", "kmod-ok", "tools"]
     said = res.console.mobynit()
     for line in ("extension urgent: included, override 5", "extension hotfix: included, override 10",
                  "extension firmware: included, normal", "extension tools: included, normal",
-                 "root mounted read-only at /newroot: hostapp and 4 extensions"):
+                 "extension kmod-ok: included, normal",
+                 "root mounted read-only at /newroot: hostapp and 5 extensions"):
         assert line in said, lines(res)
+    # More than /dev/kmsg's burst of ten: none lost, and its rate limit given back.
+    assert len(said) > 10 and int(res.console.mark("kmsg")) == len(said)
+    assert res.console.mark("devkmsg") == "ratelimit"
 
 
 @uses("extensions")
@@ -205,7 +220,7 @@ def test_false_values_keep_extensions_on(booted):
     assert files(res)[HOSTAPP_FILE] == "patched by urgent"
     record = boot_record(res)
     assert record["disabled_by"] is None
-    assert sum(e["included"] for e in record["extensions"]) == 4
+    assert sum(e["included"] for e in record["extensions"]) == 5
     # Under `quiet` the lines reach the console once, written by mobynit, not echoed by the kernel.
     said = [line for _, line in res.console.lines if "mobynit: " in line]
     assert said and all(line.startswith("mobynit: ") for line in said)
@@ -266,7 +281,7 @@ def test_corrupted_extensions_are_skipped_with_a_reason(booted, kit):
     res = booted("corrupt")
     reached_init(res)
     said = res.console.mobynit()
-    ids = kit.disks.device("four").extensions
+    ids = kit.disks.device("full").extensions
     # tools' config.v2.json was cut short: its name is unknown, its id is shown.
     tools = [line for line in said if line.startswith(f"extension {ids['tools'][:12]}: skipped: ")]
     assert tools and f"{ids['tools']}/config.v2.json: not valid JSON" in tools[0], lines(res)
@@ -276,7 +291,7 @@ def test_corrupted_extensions_are_skipped_with_a_reason(booted, kit):
     seen = files(res)
     assert "/usr/share/tools/hello" not in seen and "/usr/share/firmware/blob" not in seen
     assert seen[HOSTAPP_FILE] == "patched by urgent"  # the healthy ones are still there
-    assert "root mounted read-only at /newroot: hostapp and 2 extensions" in said
+    assert "root mounted read-only at /newroot: hostapp and 3 extensions" in said
     assert "Traceback" not in res.console.text()
 
 
