@@ -40,9 +40,14 @@ class Console:
         except OSError:
             pass
         self._echo_level = _console_loglevel(printk_sysctl)
-        self._devkmsg = devkmsg_sysctl
+        self._devkmsg: int | None = None
         if self._kmsg is not None:
-            self._devkmsg_before = _swap_sysctl(devkmsg_sysctl, "on")
+            # Kept open: /proc has moved into the new root by the time it is restored.
+            try:
+                self._devkmsg = os.open(devkmsg_sysctl, os.O_RDWR | os.O_CLOEXEC)
+                self._devkmsg_before = _swap_sysctl(self._devkmsg, "on")
+            except OSError:
+                pass
 
     def info(self, line: str) -> None:
         self._emit(line, LEVEL_INFO)
@@ -70,9 +75,11 @@ class Console:
 
     def close(self) -> None:
         """Give the kernel its rate limit back and let go of /dev/kmsg."""
-        if self._devkmsg_before is not None:
-            _swap_sysctl(self._devkmsg, self._devkmsg_before)
-            self._devkmsg_before = None
+        if self._devkmsg is not None:
+            if self._devkmsg_before is not None:
+                _swap_sysctl(self._devkmsg, self._devkmsg_before)
+            os.close(self._devkmsg)
+            self._devkmsg = None
         if self._kmsg is not None:
             os.close(self._kmsg)
             self._kmsg = None
@@ -87,15 +94,13 @@ def _console_loglevel(path: str = _PRINTK) -> int:
         return 0  # unknown: assume no echo, so the line is written directly
 
 
-def _swap_sysctl(path: str, value: str) -> str | None:
-    """Set a sysctl, returning what it was (None when it cannot be changed:
-    `printk.devkmsg=` on the command line locks it)."""
+def _swap_sysctl(fd: int, value: str) -> str | None:
+    """Set an open sysctl, returning what it was (None when it cannot be
+    changed: `printk.devkmsg=` on the command line locks it)."""
     try:
-        with open(path, encoding="ascii") as f:
-            before = f.read().strip()
+        before = os.pread(fd, 64, 0).decode("ascii").strip()
         if before != value:
-            with open(path, "w", encoding="ascii") as f:
-                f.write(value + "\n")  # the kernel takes the word only with its newline
+            os.pwrite(fd, f"{value}\n".encode("ascii"), 0)  # the kernel takes the word only with its newline
         return before
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
