@@ -989,6 +989,92 @@ def test_hostile_extension_store(arena: Arena, corruptions: list[tuple], variant
         assert _snapshot(a.dev.sysroot) == a.hsnapshot, f"undoing {corruptions} did not restore the sysroot"
 
 
+# --- flat against nested ------------------------------------------------------------------------------
+#
+# The flat layout (one overlay of every layer) is only allowed when the layers' facts say it
+# means what nesting means. Corruptions of the store's metadata (which containers, which layers,
+# in what order) keep the facts true, so on those the two roots must hold the same files.
+# Corruptions of layer contents or of the facts themselves are left out here: stale facts are
+# a separate question (see the plant examples above).
+
+DIFF_EXAMPLES = int(os.environ.get("MOBYNIT_FUZZ_DIFF_EXAMPLES", "40"))
+META_PARTS = ("cdir", "config", "hostconfig", "mdir", "mount_id", "init_id", "top_lower", "top_link", "layer_link",
+              "layer_lower", "lnk")
+_meta_where = st.tuples(st.just("c"), st.integers(0, 14), st.sampled_from(META_PARTS), st.integers(0, 3))
+metadata_corruption = st.one_of(
+    st.tuples(st.just("node"), _meta_where, st.sampled_from(_NODE_KINDS)),
+    st.tuples(st.just("symlink"), _meta_where, st.sampled_from(_SYMLINK_KINDS)),
+    st.tuples(st.just("truncate"), _meta_where, st.floats(0, 1)),
+    st.tuples(st.just("content"), _meta_where, _hostile_bytes),
+    st.tuples(st.just("json"), st.integers(0, 14), st.sampled_from(_JSON_PATHS), _json_value),
+    st.tuples(st.just("mount-id"), st.integers(0, 14), _id_text),
+    st.tuples(st.just("lower"), _meta_where, st.lists(_lower_entry, min_size=0, max_size=5)),
+    st.tuples(st.just("link"), st.integers(0, 14), st.integers(0, 3), _link_target),
+    st.tuples(st.just("swap"), st.integers(0, 14), st.integers(0, 14), st.sampled_from(META_PARTS), st.integers(0, 3)),
+    st.tuples(st.just("rename"), st.integers(0, 14), _name_text),
+)
+
+
+def _tree(root: Path) -> dict[str, tuple[object, ...]]:
+    """What a root shows: every entry's type, mode, owner, size, link target and content hash."""
+    import hashlib
+
+    out: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st_ = os.lstat(path)
+            extra: object = None
+            if stat.S_ISLNK(st_.st_mode):
+                extra = os.readlink(path)
+            elif stat.S_ISREG(st_.st_mode):
+                with open(path, "rb") as f:
+                    extra = hashlib.sha256(f.read()).hexdigest()
+            elif stat.S_ISCHR(st_.st_mode) or stat.S_ISBLK(st_.st_mode):
+                extra = st_.st_rdev
+            size = 0 if stat.S_ISDIR(st_.st_mode) else st_.st_size
+            out[os.path.relpath(path, root)] = (st_.st_mode, st_.st_uid, st_.st_gid, size, extra)
+    return out
+
+
+@settings(max_examples=DIFF_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
+@given(st.lists(metadata_corruption, min_size=0, max_size=4), st.sampled_from([KERNEL_RELEASE, os.uname().release]))
+@example([], KERNEL_RELEASE)
+@example([], os.uname().release)
+def test_flat_root_equals_nested(arena: Arena, corruptions: list[tuple], release: str) -> None:
+    if not (arena.indexed and _supports_layout()):
+        pytest.skip("this mobynit has no flat layout")
+    a = arena
+    roots = []
+    try:
+        for c in corruptions:
+            apply(a, c)
+        status, out, err = run_plan(a, (release, ()), "--json")
+        assert status == 0, err
+        doc = json.loads(out)
+        for extra in ((), ("--layout", "nested")):
+            proc, record = run_assemble(a, (release, extra))
+            try:
+                check_assembled(a, proc, record, doc)
+                assert record is not None
+                roots.append((record, _tree(a.target)))
+            finally:
+                _detach(a)
+    finally:
+        a.reset()
+    (auto, auto_tree), (nested, nested_tree) = roots
+    event(f"auto layout: {auto.get('layout')}")
+    assert nested.get("layout") == "nested"
+    included = [[e["id"] for e in r["extensions"] if e["included"]] for r in (auto, nested)]
+    assert included[0] == included[1]
+    if auto_tree != nested_tree:
+        only = sorted(set(auto_tree) ^ set(nested_tree))[:10]
+        changed = sorted(k for k in set(auto_tree) & set(nested_tree) if auto_tree[k] != nested_tree[k])[:10]
+        raise AssertionError(f"the {auto.get('layout')} root differs from the nested one: in one only {only}, "
+                             f"different {changed} ({auto.get('layout_reason')})")
+
+
 HOSTAPP_PARTS = ("config", "mount_id", "top_lower", "lnk", "layer_diff", "cdir", "mdir", "top", "top_diff", "layer")
 _hwhere = st.tuples(st.sampled_from(HOSTAPP_PARTS), st.integers(0, 3))
 hostapp_corruption = st.one_of(
