@@ -34,9 +34,12 @@ Extension side (the data store), asserted for every example:
 Hostapp side: corruptions that always break the hostapp give exit status 1
 and exactly one `mobynit: error:` line, from `plan` and `assemble` alike.
 
+Flat against nested: under corruptions of the metadata only, the default
+(flat when the facts allow) root and the `--layout nested` one hold the same files.
+
 MOBYNIT_FUZZ_EXAMPLES sets the number of extension-side examples (default
-300); MOBYNIT_FUZZ_HOSTAPP_EXAMPLES the hostapp side's (default 60). See
-docs/fuzzing.md.
+300); MOBYNIT_FUZZ_HOSTAPP_EXAMPLES the hostapp side's (default 60);
+MOBYNIT_FUZZ_DIFF_EXAMPLES flat against nested (default 40). See docs/fuzzing.md.
 """
 
 from __future__ import annotations
