@@ -127,7 +127,7 @@ class Boot:
             raise HostappError(f"cannot mount root partition {path} ({fstype}) read-only: {e.strerror}") from None
         self.timed("mount_root", start)
         self.info["root"] = {"spec": text, "device": path, "fstype": fstype}
-        self.log(f"root {text} is {path}, mounted read-only")
+        self.log(f"root {_named(text, path)}, mounted read-only")
 
     def mount_data(self) -> str | None:
         """The data partition's mount point, or None to boot without extensions."""
@@ -137,7 +137,8 @@ class Boot:
         switch = self.cmd.extensions_disabled_by()
         if switch is not None:
             record["reason"] = f"extensions disabled by {switch}"
-            self.log(f"data partition not mounted: extensions disabled by {switch}")
+            # The assembler says why extensions are off; this is only the consequence.
+            self.console.debug(f"data partition not mounted: extensions disabled by {switch}")
             return None
         if text == "none":
             record["reason"] = "mobynit.data=none"
@@ -160,7 +161,7 @@ class Boot:
             return None
         self.timed("mount_data", start)
         record["device"] = path
-        self.log(f"data {text} is {path}")
+        self.log(f"data {_named(text, path)}")
         return DATA
 
     def assemble(self, data: str | None) -> dict:
@@ -276,6 +277,11 @@ def run(console: Console, cmd: cmdline.Cmdline) -> int:
     with open(HANDOVER, "w", encoding="utf-8") as f:
         f.write(init + "\n")
     return EXIT_HANDOVER
+
+
+def _named(spec: str, path: str) -> str:
+    """`LABEL=x is /dev/vda1`, or just `/dev/vda1` when that is how it was named."""
+    return path if spec == path else f"{spec} is {path}"
 
 
 def _float(text: str | None) -> float | None:

@@ -58,7 +58,7 @@ SCENARIOS: dict[str, Scenario] = {
         base="console=ttyS0 root=PARTUUID=6d6f6279-01",
     ),
     "no-data": Scenario("full-nodata", "mobynit.wait=2"),
-    "no-marker": Scenario("full-nomarker"),
+    "no-marker": Scenario("full-nomarker", "mobynit.data=/dev/vda2", base="console=ttyS0 root=/dev/vda1"),
     "corrupt": Scenario("corrupt"),
     "broken": Scenario("broken"),
     "no-root": Scenario("full", "mobynit.wait=1 panic=1", base="console=ttyS0 root=LABEL=nowhere"),

@@ -209,8 +209,13 @@ def test_switch_disables_extensions(booted, scenario: str):
     seen = files(res)
     assert seen[HOSTAPP_FILE] == "hostapp"
     assert not any(p.startswith(("/usr/share/tools", "/usr/share/hotfix", "/usr/share/firmware")) for p in seen)
-    assert f"data partition not mounted: extensions disabled by {scenario}" in res.console.mobynit(), lines(res)
-    assert boot_record(res)["disabled_by"] == scenario
+    assert f"extensions disabled by {scenario} on the kernel command line" in res.console.mobynit(), lines(res)
+    record = boot_record(res)
+    assert record["disabled_by"] == scenario
+    # The data partition was not even mounted.
+    assert record["boot"]["data"] == {"spec": "LABEL=resin-data", "device": None,
+                                      "reason": f"extensions disabled by {scenario}"}
+    assert "wait_data" not in record["boot"]["phases"]
 
 
 @uses("switches-off")
@@ -271,7 +276,9 @@ def test_late_data_disk_is_picked_up_by_uevent(booted):
 def test_missing_purge_marker(booted):
     res = booted("no-marker")
     reached_init(res)
-    assert any("remove_me_to_reset is missing" in line for line in res.console.mobynit()), lines(res)
+    said = res.console.mobynit()
+    assert "root /dev/vda1, mounted read-only" in said and "data /dev/vda2" in said, lines(res)
+    assert any("remove_me_to_reset is missing" in line for line in said), lines(res)
     assert files(res)[HOSTAPP_FILE] == "hostapp"
     assert "/usr/share/tools/hello" not in files(res)
 
