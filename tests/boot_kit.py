@@ -61,11 +61,15 @@ SCENARIOS: dict[str, Scenario] = {
     "no-marker": Scenario("full-nomarker", "mobynit.data=/dev/vda2", base="console=ttyS0 root=/dev/vda1"),
     "corrupt": Scenario("corrupt"),
     "broken": Scenario("broken"),
+    "no-init": Scenario("full", "init=/sbin/nothing panic=1"),
     "no-root": Scenario("full", "mobynit.wait=1 panic=1", base="console=ttyS0 root=LABEL=nowhere"),
     "broken-shell": Scenario(
         "broken",
         "mobynit.shell",
-        steps=((r"mobynit: starting a rescue shell", "echo RESCUE-$((6*7))\n"), (r"^RESCUE-42", "poweroff -f\n")),
+        steps=(
+            (r"mobynit: starting a rescue shell", "echo RESCUE-$((6*7)); [ -L /sysroot/current ] && echo ROOT-MOUNTED\n"),
+            (r"^ROOT-MOUNTED", "poweroff -f\n"),
+        ),
     ),
     "late-data": Scenario("full-nodata", late_disk="full-dataonly"),
     "debian": Scenario("debian", timeout=300.0),

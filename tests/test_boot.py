@@ -329,12 +329,21 @@ def test_missing_root_partition_is_one_line_then_panic(booted):
     assert res.returncode == 0
 
 
+@uses("no-init")
+def test_missing_init_is_a_hostapp_failure(booted):
+    res = booted("no-init")
+    cannot = [line for line in res.console.mobynit() if line.startswith("cannot boot: ")]
+    assert cannot == ["cannot boot: the hostapp has no /sbin/nothing to hand over to"], lines(res)
+    assert res.console.first("Kernel panic - not syncing") is not None, res.describe()
+
+
 @uses("broken-shell")
 def test_broken_hostapp_rescue_shell(booted):
     res = booted("broken-shell")
     assert res.returncode == 0, res.describe()
     assert any(line.startswith("cannot boot: ") for line in res.console.mobynit())
     assert res.console.first(r"^RESCUE-42") is not None, res.describe()
+    assert res.console.first(r"^ROOT-MOUNTED") is not None  # the root partition is there to repair
     assert res.console.first("Kernel panic") is None
 
 
