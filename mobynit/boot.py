@@ -157,7 +157,7 @@ class Boot:
             syscalls.mount(path, DATA, "ext4", syscalls.MS_NOSUID | syscalls.MS_NODEV)
         except OSError as e:
             record["reason"] = f"mount failed: {e.strerror}"
-            self.log(f"booting without extensions: cannot mount data partition {path}: {e.strerror}")
+            self.log(f"cannot mount data partition {path}: {e.strerror}: booting without extensions")
             return None
         self.timed("mount_data", start)
         record["device"] = path
@@ -188,24 +188,30 @@ class Boot:
         init = self.cmd.get("init") or DEFAULT_INIT
         if not init.startswith("/") or "\n" in init:
             raise HostappError(f"init={init} is not an absolute path")
-        if resolve_in(NEWROOT, init) is None:
+        found = resolve_in(NEWROOT, init)
+        if found is None:
             raise HostappError(f"the hostapp has no {init} to hand over to")
+        if not os.path.isfile(found) or not os.access(found, os.X_OK):
+            raise HostappError(f"the hostapp's {init} is not an executable file")
         return init
 
     def move_mounts(self) -> None:
         """Everything the new root needs from the initramfs moves into it."""
         start = time.monotonic()
         active = NEWROOT + ACTIVE
-        if os.path.isdir(active):
-            syscalls.mount(SYSROOT, active, None, syscalls.MS_MOVE)
-        else:
-            self.log(f"the hostapp has no {ACTIVE}: root partition not exposed")
-            syscalls.umount(SYSROOT, syscalls.MNT_DETACH)
-        for path in MOVED:
-            if os.path.isdir(NEWROOT + path):
-                syscalls.mount(path, NEWROOT + path, None, syscalls.MS_MOVE)
+        try:
+            if os.path.isdir(active):
+                syscalls.mount(SYSROOT, active, None, syscalls.MS_MOVE)
             else:
-                self.log(f"the hostapp has no {path}: its init must mount it")
+                self.log(f"the hostapp has no {ACTIVE}: root partition not exposed")
+                syscalls.umount(SYSROOT, syscalls.MNT_DETACH)
+            for path in MOVED:
+                if os.path.isdir(NEWROOT + path):
+                    syscalls.mount(path, NEWROOT + path, None, syscalls.MS_MOVE)
+                else:
+                    self.log(f"the hostapp has no {path}: its init must mount it")
+        except OSError as e:
+            raise HostappError(f"cannot move the initramfs's mounts into the new root: {e.strerror}") from None
         self.timed("move_mounts", start)
 
 
