@@ -312,7 +312,9 @@ def format_status(record: dict) -> str:
     if data:
         where = data.get("device") or f"not mounted: {data.get('reason')}"
         out.append(f"data partition: {data.get('spec')} ({where})")
-    if record.get("disabled_reason"):
+    if record.get("disabled_by"):
+        out.append(f"extensions: disabled by {shown(record['disabled_by'])}")
+    elif record.get("disabled_reason"):
         out.append(f"extensions: {record['disabled_reason']}")
     for ext in record.get("extensions") or []:
         name = shown(ext.get("name"))
