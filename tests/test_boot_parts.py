@@ -9,6 +9,7 @@ cpio, chroot).
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -265,3 +266,51 @@ def test_initramfs_runs_the_boot_imports_in_a_chroot(kernel_modules, tmp_path):
     again = tmp_path / "again.gz"
     initramfs.build(kernel_modules, again)
     assert again.read_bytes() == out.read_bytes()
+
+
+# --- mobynit status ------------------------------------------------------------------
+
+
+def _status(*args: str) -> subprocess.CompletedProcess:
+    import sys
+
+    from tests.boot_kit import REPO
+
+    return subprocess.run([sys.executable, "-m", "mobynit", "status", *args], capture_output=True, text=True, cwd=REPO)
+
+
+def test_status_of_a_boot_with_extensions_switched_off(tmp_path):
+    record = {
+        "hostapp": {"id": "ab" * 32, "name": "hostapp", "layers": []},
+        "extensions": [], "disabled_by": "balena.nohostext",
+        "disabled_reason": "extensions disabled by balena.nohostext on the kernel command line",
+        "boot": {"root": {"spec": "LABEL=resin-rootA", "device": "/dev/vda1", "fstype": "ext4"},
+                 "data": {"spec": "LABEL=resin-data", "device": None, "reason": "extensions disabled by balena.nohostext"},
+                 "init": "/sbin/init", "init_start": 1.5, "python_start": 2.0, "handover": 2.25,
+                 "phases": {"wait_root": 0.01, "assemble": 0.04}},
+    }
+    path = tmp_path / "boot.json"
+    path.write_text(json.dumps(record))
+    out = _status("--record", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        f"hostapp: hostapp {'ab' * 32}",
+        "root partition: LABEL=resin-rootA (/dev/vda1), at /mnt/sysroot/active",
+        "data partition: LABEL=resin-data (not mounted: extensions disabled by balena.nohostext)",
+        "extensions: disabled by balena.nohostext",
+        "init: /sbin/init, handed over at 2.25 s (0.75 s in the initramfs)",
+        "phases: wait_root 10 ms, assemble 40 ms",
+    ]
+    assert json.loads(_status("--record", str(path), "--json").stdout) == record
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2]", "is not a mobynit boot record (not a JSON object)"),
+])
+def test_status_of_a_bad_record_is_one_sentence(tmp_path, content, message):
+    path = tmp_path / "boot.json"
+    path.write_text(content)
+    out = _status("--record", str(path))
+    assert out.returncode == 1 and message in out.stderr and str(path) in out.stderr
+    assert "Traceback" not in out.stderr
