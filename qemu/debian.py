@@ -26,7 +26,8 @@ from harness.rootfs import File, Symlink
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-INCLUDE = ("systemd", "systemd-sysv", "udev")
+INCLUDE = ("systemd", "systemd-sysv", "udev", "python3")
+PACKAGE = Path(__file__).resolve().parent.parent / "mobynit"  # installed into the hostapp, for `mobynit status`
 EXTRA_DIRS = ("mnt/sysroot/active", "mnt/data")
 
 PROBE = r"""#!/bin/sh
@@ -38,6 +39,7 @@ mark state "$(systemctl is-system-running)"
 if [ -e /.dockerenv ]; then mark dockerenv yes; else mark dockerenv no; fi
 mark root "$(findmnt -n -o FSTYPE,OPTIONS /)"
 if [ -f /run/mobynit/boot.json ]; then mark bootjson "$(tr -d '\n' < /run/mobynit/boot.json)"; else mark bootjson none; fi
+python3 -m mobynit status 2>&1 | while IFS= read -r line; do mark status "$line"; done
 for f in /usr/share/debian-ext/hello /etc/debian-probe; do
     [ -f "$f" ] && mark file "$f $(head -n 1 "$f")"
 done
@@ -117,6 +119,8 @@ def build(workdir: Path, cache: Path) -> Device:
                 "probe/etc/debian-probe": "debian hostapp\n",
                 "probe/etc/hostname": "mobynit-debian\n",
             }
+            for src in sorted(PACKAGE.glob("*.py")):
+                files[f"probe/usr/local/lib/python3.11/dist-packages/mobynit/{src.name}"] = src.read_bytes()
             image = host.build("debian:latest", "FROM debian-base:build\nCOPY probe/ /\n", files)
             hostapp_id = host.create(image, "debian")
             spec = ExtensionSpec(

@@ -362,6 +362,11 @@ def test_debian_systemd_hostapp_reaches_its_target(booted):
     assert record is not None and record["hostapp"]["name"] == "debian"
     assert files(res)["/usr/share/debian-ext/hello"] == "hello from a Debian extension"
     assert res.console.first(r"Reached target .*Multi-User System") is not None
+    # `mobynit status`, run inside the booted system, reads the record it was left.
+    status = res.console.marks("status")
+    assert status[0].startswith("hostapp: debian "), res.describe()
+    assert "root partition: LABEL=resin-rootA (/dev/vda1), at /mnt/sysroot/active" in status
+    assert "  + debian-ext (normal)" in status
 
 
 # --- the runner -----------------------------------------------------------------------
