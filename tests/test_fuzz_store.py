@@ -379,11 +379,11 @@ corruption = st.one_of(
     st.tuples(st.just("rename"), st.integers(0, 14), _name_text),
     st.tuples(st.just("new-container"), _name_text, st.sampled_from(["config", "symlink", "fifo", "file", "deep"])),
     st.tuples(st.just("plant"), st.integers(0, 14), st.integers(0, 3), st.sampled_from(PLANT_PATHS),
-              st.sampled_from(["whiteout", "opaque", "file", "symlink-out"])),
+              st.sampled_from(["whiteout", "opaque", "file", "symlink-out"]), st.booleans()),
     st.tuples(st.just("facts"), st.integers(0, 14), st.integers(0, 3), st.sampled_from(["nothing", "hostile", "deep", "types"]),
               _hostile_text),
     st.tuples(st.just("release"), st.integers(0, 14), st.integers(0, 3),
-              st.sampled_from(["own", "other", "a\nb", "\udcff", "..", "*"]), _payload),
+              st.sampled_from(["own", "other", "a\nb", "\udcff", "..", "*"]), _payload, st.booleans()),
     st.tuples(st.just("os-release"), st.sampled_from(["etc/os-release", "usr/lib/os-release"]), _payload),
     st.tuples(st.just("modules"), st.integers(0, 3), st.sampled_from(["lib", "lib/modules", f"lib/modules/{KERNEL_RELEASE}",
               f"lib/modules/{KERNEL_RELEASE}/Module.symvers"]), st.sampled_from(_NODE_KINDS + _SYMLINK_KINDS)),
@@ -490,6 +490,15 @@ def _plant(a: Arena, c: Container, k: int, where: str, how: str) -> None:
         Path(full).write_text("planted\n")
     else:
         os.symlink(str(a.decoy), full)
+
+
+def _forget_facts(a: Arena, c: Container, k: int) -> None:
+    """Remove the facts `mobynit index` recorded for a layer whose contents were just changed.
+
+    Left in place they are stale, and a reader that trusts them never looks at the change
+    (which is the point of some examples, and defeats others).
+    """
+    a.journal.take(c.part("layer_facts", k))
 
 
 def _put(a: Arena, journal: Journal, rel: str, payload: str | bytes) -> None:
@@ -709,6 +718,8 @@ def apply(a: Arena, c: tuple) -> None:
             Path(path, "config.v2.json").write_bytes(text.encode("utf-8", "surrogateescape"))
     elif kind == "plant":
         _plant(a, a.containers[c[1] % len(a.containers)], c[2], c[3], c[4])
+        if c[5:6] == (True,):
+            _forget_facts(a, a.containers[c[1] % len(a.containers)], c[2])
     elif kind == "facts":
         cont = a.containers[c[1] % len(a.containers)]
         rel = cont.part("layer_facts", c[2])
@@ -729,6 +740,8 @@ def apply(a: Arena, c: tuple) -> None:
         name = {"own": a.names[i], "other": a.names[(i + 1) % len(a.names)]}.get(c[3], c[3])
         rel = f"{a.containers[i].part('layer_diff', c[2])}/usr/lib/extension-release.d/extension-release.{name}"
         _put(a, a.journal, rel, c[4])
+        if c[5:6] == (True,):
+            _forget_facts(a, a.containers[i], c[2])
     elif kind == "os-release":  # the hostapp's: unreadable or garbled, it must not stop a boot
         _put(a, a.hjournal, f"balena/{a.hcontainer.part('layer_diff', -1)}/{c[1]}", c[2])
     elif kind == "modules":
