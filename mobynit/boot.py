@@ -37,6 +37,7 @@ _IMPORTED = time.clock_gettime(time.CLOCK_BOOTTIME)  # before the package's own 
 
 from mobynit import DEFAULT_RECORD
 from mobynit import assemble as assembler
+from mobynit import attempts
 from mobynit import blockdev, cmdline, syscalls
 from mobynit.console import Console
 from mobynit.errors import HostappError, MobynitError
@@ -177,6 +178,9 @@ class Boot:
             page_size=os.sysconf("SC_PAGE_SIZE"),
             workdir=WORKDIR,
             log=self.log,
+            # Boots with extensions are counted on the data partition; unconfirmed
+            # ones make later boots mount the hostapp alone (docs/fallback.md).
+            attempts_file=None if data is None else attempts.state_path(data),
         )
         self.timed("assemble", start)
         if data is not None:
