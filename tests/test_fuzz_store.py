@@ -978,6 +978,7 @@ FUZZ = settings(
 @example([("plant", 9, 1, "usr/share/hostapp/only-in-hostapp", "whiteout")], VARIANTS[1])  # override, stale facts
 @example([("plant", 9, 1, "usr/share", "opaque")], DEFAULT)
 @example([("plant", 8, 1, "usr/share/hostapp/only-in-hostapp", "opaque", True)], DEFAULT)  # replaced, not deleted
+@example([("release", 0, 1, "a\nb", "huge", True)], DEFAULT)  # bug 5: a release file's name, raw, in a reason
 @example([("link", 0, 1, "via-l"), ("lower", ("c", 0, "top_lower", 0), ["l/..", "dup"]), ("node", ("g", "l"), "fifo")], DEFAULT)
 def test_hostile_extension_store(arena: Arena, corruptions: list[tuple], variant: tuple[str, tuple[str, ...]]) -> None:
     a = arena
