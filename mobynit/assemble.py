@@ -183,7 +183,7 @@ def flat_conflict(plan: Plan) -> str | None:
         c = plan.hostapp if d is None else d.extension.container
         assert c is not None
         layer_facts = tuple(layer.facts for layer in c.layers)  # read with the store
-        stacks.append(facts.Stack(name=c.name, dirs=tuple(layer.path for layer in c.layers), facts=layer_facts))
+        stacks.append(facts.Stack(name=c.name, dirs=tuple(layer.path for layer in c.layers), facts=layer_facts, hostapp=d is None))
     return facts.flat_conflict(stacks)
 
 

@@ -10,15 +10,20 @@ and dies with the layer (the engine removes the whole directory).
 
 The file is read like everything else in the store: O_NOFOLLOW, size-capped,
 strictly validated. A missing, stale (other id) or malformed file only means
-"unknown", and unknown means the safe nested layout. Whoever can write it can
-write the layer's `diff/` itself, so it grants no power the store did not.
+"unknown", and unknown means the safe nested layout. Facts can go stale only
+if a layer is changed after it was committed (which Docker never does); the
+directory ctimes recorded with them catch that cheaply for extension-sized
+layers, and an extension whose facts cannot be checked is never flattened:
+under nesting, an override can only replace hostapp files, and stale facts
+must not let it delete them.
 """
 
 from __future__ import annotations
 
-from mobynit import jsonio
 import os
 import stat
+
+from mobynit import jsonio
 
 from mobynit.errors import StoreError
 from mobynit.model import Record
@@ -40,11 +45,16 @@ class LayerFacts(Record):
     """Whiteout paths, opaque directories, other overlay xattrs, and (for small
     layers) every path in the layer, all relative to the layer root."""
 
-    __slots__ = ("whiteouts", "opaques", "xattrs", "paths")
+    __slots__ = ("whiteouts", "opaques", "xattrs", "paths", "dirs")
+    _defaults = {"dirs": None}
     whiteouts: tuple[str, ...]
     opaques: tuple[str, ...]
     xattrs: tuple[str, ...]  # paths carrying trusted.overlay.* other than opaque=y
     paths: frozenset[str] | None  # None when the layer is too big to list
+    # (path, ctime) of the layer's root (".") and every directory, for small layers: any entry
+    # created, removed or given an xattr since changes its directory's ctime, which no one
+    # can set back, so load() can tell facts that went stale without walking the layer.
+    dirs: tuple[tuple[str, int], ...] | None
 
 
 def walk(diff: str) -> LayerFacts:
@@ -53,6 +63,7 @@ def walk(diff: str) -> LayerFacts:
     opaques: list[str] = []
     xattrs: list[str] = []
     paths: list[str] = []
+    dirs: list[tuple[str, int]] = [(".", os.lstat(diff).st_ctime_ns)]
     _check_xattrs(diff, "", opaques, xattrs)
     stack = [("", diff)]
     while stack:
@@ -69,12 +80,14 @@ def walk(diff: str) -> LayerFacts:
                     continue
                 _check_xattrs(entry.path, rel, opaques, xattrs)
                 if stat.S_ISDIR(st.st_mode):
+                    dirs.append((rel, st.st_ctime_ns))
                     stack.append((rel, entry.path))
     return LayerFacts(
         whiteouts=tuple(sorted(whiteouts)),
         opaques=tuple(sorted(opaques)),
         xattrs=tuple(sorted(xattrs)),
         paths=frozenset(paths) if len(paths) <= PATHS_LIMIT else None,
+        dirs=tuple(sorted(dirs)) if len(paths) <= PATHS_LIMIT else None,
     )
 
 
@@ -112,6 +125,7 @@ def save(layer_dir: str, layer_id: str, facts: LayerFacts) -> None:
         "opaques": list(facts.opaques),
         "xattrs": list(facts.xattrs),
         "paths": sorted(facts.paths) if facts.paths is not None else None,
+        "dirs": [list(d) for d in facts.dirs] if facts.dirs is not None else None,
     }
     path = facts_path(layer_dir)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -135,8 +149,38 @@ def _paths(doc: dict[str, object], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _dirs(doc: dict[str, object]) -> tuple[tuple[str, int], ...] | None:
+    value = doc.get("dirs")
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise ValueError("dirs is not a list")
+    out = []
+    for item in value:
+        if (
+            not isinstance(item, list) or len(item) != 2 or not (item[0] == "." or _valid_path(item[0]))
+            or not isinstance(item[1], int) or isinstance(item[1], bool)
+        ):
+            raise ValueError("dirs holds something other than [path, ctime] pairs")
+        out.append((item[0], item[1]))
+    return tuple(out)
+
+
+def unchanged(diff: str, dirs: Sequence[tuple[str, int]]) -> bool:
+    """Every recorded directory is still a directory with the recorded ctime (lstat, no symlinks)."""
+    for rel, ctime in dirs:
+        try:
+            st = os.lstat(diff if rel == "." else f"{diff}/{rel}")
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode) or st.st_ctime_ns != ctime:
+            return False
+    return True
+
+
 def load(layer_dir: str, layer_id: str) -> LayerFacts | None:
-    """The recorded facts of a layer, or None when there are none worth trusting."""
+    """The recorded facts of a layer, or None when there are none worth trusting:
+    missing, malformed, for another layer, or stale (see LayerFacts.dirs)."""
     try:
         raw = read_file(facts_path(layer_dir), FACTS_LIMIT)
         doc = jsonio.loads(raw)
@@ -146,11 +190,15 @@ def load(layer_dir: str, layer_id: str) -> LayerFacts | None:
         xattrs = doc.get("xattrs")
         if not isinstance(xattrs, list) or not all(p == "." or _valid_path(p) for p in xattrs):
             return None
+        dirs = _dirs(doc)
+        if dirs is not None and not unchanged(f"{layer_dir}/diff", dirs):
+            return None
         return LayerFacts(
             whiteouts=_paths(doc, "whiteouts"),
             opaques=_paths(doc, "opaques"),
             xattrs=tuple(xattrs),
             paths=None if paths is None else frozenset(_paths(doc, "paths")),
+            dirs=dirs,
         )
     except (StoreError, ValueError, UnicodeDecodeError, RecursionError):
         return None
@@ -170,10 +218,12 @@ def index(layers: Iterable[tuple[str, str]], force: bool = False) -> list[str]:
 class Stack(Record):
     """One container's layers as the flatten check sees them, top first."""
 
-    __slots__ = ("name", "dirs", "facts")
+    __slots__ = ("name", "dirs", "facts", "hostapp")
+    _defaults = {"hostapp": False}
     name: str
     dirs: tuple[str, ...]  # the layers' diff directories
     facts: tuple[LayerFacts | None, ...]
+    hostapp: bool  # the hostapp's big layers may keep facts that cannot be checked cheaply
 
 
 def flat_conflict(stacks: Sequence[Stack]) -> str | None:
@@ -191,7 +241,11 @@ def flat_conflict(stacks: Sequence[Stack]) -> str | None:
     for s in reversed(stacks):
         for f in s.facts:
             if f is None:
-                return f"{s.name}: no layer facts recorded (run mobynit index)"
+                return f"{s.name}: no layer facts recorded, or they are stale (run mobynit index)"
+            if f.dirs is None and not s.hostapp:
+                # Too big to check for staleness: an extension's stale facts could let its
+                # whiteouts reach the hostapp, so only the hostapp's are taken on trust.
+                return f"{s.name}: a layer too big for its facts to be checked"
             if f.xattrs:
                 return f"{s.name}: carries overlay xattrs at {f.xattrs[0]}"
         for f in s.facts:

@@ -53,6 +53,8 @@ def bulk498(bulk, tmp_path: Path):
     dev = copy_device(bulk, tmp_path / "copy")
     for name in ("ext-0498", "ext-0499"):
         shutil.rmtree(dev.data / "docker" / "containers" / dev.extensions[name])
+    # A copy has new directory ctimes, so the recorded facts are stale: index it again.
+    mobynit("index", "--sysroot", str(dev.sysroot), "--data", str(dev.data))
     return dev
 
 

@@ -169,6 +169,38 @@ def test_bad_facts_mean_nested(indexed, corrupt: str) -> None:
     assert "no layer facts" in out["layout_reason"] and "ext-whiteout" in out["layout_reason"]
 
 
+@pytest.mark.parametrize("plant", ["whiteout", "opaque"])
+def test_stale_facts_never_let_an_override_delete_hostapp_files(indexed, tmp_path: Path, plant: str) -> None:
+    """A layer changed after `mobynit index` (never done by Docker, done here by hand):
+    its facts no longer hold, so the root is nested and the hostapp keeps its files."""
+    store = indexed.data / "docker"
+    mount_id = (store / "image/overlay2/layerdb/mounts" / indexed.extensions["ext-override5"] / "mount-id").read_text()
+    link = (store / "overlay2" / mount_id / "lower").read_text().split(":")[1]
+    diff = store / "overlay2" / os.readlink(store / "overlay2" / link).split("/")[1] / "diff"
+    if plant == "whiteout":
+        (diff / "usr/share/hostapp").mkdir(parents=True)
+        os.mknod(diff / "usr/share/hostapp/only-in-hostapp", stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    else:
+        (diff / "usr/share").mkdir(parents=True, exist_ok=True)
+        os.setxattr(diff / "usr/share", "trusted.overlay.opaque", b"y")
+    doc = plan(indexed)
+    assert doc["layout"] == "nested" and "stale" in doc["layout_reason"] and "ext-override5" in doc["layout_reason"]
+    with assembled(indexed, tmp_path) as (root, record, _):
+        assert (root / "usr/share/hostapp/only-in-hostapp").read_text() == "only in hostapp\n"
+        assert (root / "etc/hostapp-file").read_text() == "override5\n"
+
+
+def test_unverifiable_extension_facts_are_not_trusted() -> None:
+    """Facts of a layer too big to check for staleness count for the hostapp only."""
+    big = facts.LayerFacts(whiteouts=(), opaques=(), xattrs=(), paths=None, dirs=None)
+    small = facts.LayerFacts(whiteouts=(), opaques=(), xattrs=(), paths=frozenset({"a"}), dirs=((".", 1),))
+    host = facts.Stack(name="hostapp", dirs=("/h",), facts=(big,), hostapp=True)
+    ext = facts.Stack(name="ext", dirs=("/e",), facts=(small,))
+    assert facts.flat_conflict([ext, host]) is None
+    bad = facts.Stack(name="big-ext", dirs=("/e",), facts=(big,))
+    assert "too big" in facts.flat_conflict([bad, host])
+
+
 def test_whiteout_reaching_below_forces_nested(hostile_indexed) -> None:
     doc = plan(hostile_indexed)
     assert doc["layout"] == "nested"
