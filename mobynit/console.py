@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import sys
 
+from mobynit.errors import shown
+
 PREFIX = "mobynit: "
 LEVEL_INFO = 6
 LEVEL_DEBUG = 7
@@ -57,7 +59,8 @@ class Console:
             self._emit(line, LEVEL_DEBUG)
 
     def _emit(self, line: str, level: int) -> None:
-        text = PREFIX + line.replace("\n", " ")
+        # Everything printed is escaped where it is built; this is the last line of defence.
+        text = PREFIX + shown(line.replace("\n", " "), 2000)
         self.lines.append(text)
         echoed = False
         if self._kmsg is not None:

@@ -10,7 +10,15 @@ class MobynitError(Exception):
 
 
 class StoreError(MobynitError):
-    """Something in a container store is missing or malformed; names the file."""
+    """Something in a container store is missing or malformed; names the file.
+
+    Its message is made printable here, once: it is built from names found in
+    the store (directory entries, link targets), which must never forge a
+    console line or reach a terminal raw.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(shown(message, 600))
 
 
 class HostappError(MobynitError):

@@ -24,8 +24,7 @@ import os
 import stat
 
 from mobynit import jsonio
-
-from mobynit.errors import StoreError
+from mobynit.errors import StoreError, shown
 from mobynit.model import Record
 from mobynit.store import read_file
 
@@ -241,17 +240,17 @@ def flat_conflict(stacks: Sequence[Stack]) -> str | None:
     for s in reversed(stacks):
         for f in s.facts:
             if f is None:
-                return f"{s.name}: no layer facts recorded, or they are stale (run mobynit index)"
+                return f"{shown(s.name)}: no layer facts recorded, or they are stale (run mobynit index)"
             if f.dirs is None and not s.hostapp:
                 # Too big to check for staleness: an extension's stale facts could let its
                 # whiteouts reach the hostapp, so only the hostapp's are taken on trust.
-                return f"{s.name}: a layer too big for its facts to be checked"
+                return f"{shown(s.name)}: a layer too big for its facts to be checked"
             if f.xattrs:
-                return f"{s.name}: carries overlay xattrs at {f.xattrs[0]}"
+                return f"{shown(s.name)}: carries overlay xattrs at {shown(f.xattrs[0])}"
         for f in s.facts:
             for p in (*f.whiteouts, *f.opaques):  # type: ignore[union-attr]
                 if p in below_paths or any(lookup(u.dirs, p) is not None for u in below_unlisted):
-                    return f"{s.name}: deletes or hides /{p}, which a lower image has"
+                    return f"{shown(s.name)}: deletes or hides /{shown(p)}, which a lower image has"
         listed = [f.paths for f in s.facts]  # type: ignore[union-attr]
         if all(paths is not None for paths in listed):
             for paths in listed:

@@ -132,14 +132,15 @@ class Extension(Record):
     `release` is its systemd-sysext extension-release file, when it has one.
     """
 
-    __slots__ = ("id", "name", "container", "modules", "fault", "release")
-    _defaults = {"release": None}
+    __slots__ = ("id", "name", "container", "modules", "fault", "release", "release_name")
+    _defaults = {"release": None, "release_name": None}
     id: str
     name: str
     container: Container | None
     modules: KernelModules | None
     fault: str | None
     release: Mapping[str, str] | None  # its extension-release file, parsed; None without one
+    release_name: str | None  # the <name> of that extension-release.<name> file
 
 
 OVERRIDE = "override"

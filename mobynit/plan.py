@@ -26,6 +26,7 @@ a 4 KiB page.
 
 from __future__ import annotations
 
+from mobynit.errors import shown
 from mobynit.model import OVERRIDE, Record
 
 TYPE_CHECKING = False
@@ -495,7 +496,7 @@ def build(
     host_alone = _stack_mount(hostapp, target, empty, HOSTAPP)
     problem = _fits(len(host_alone.options), len(host_alone.options.split(":")), page_size)
     if problem:
-        raise ValueError(f"hostapp {hostapp.name} ({hostapp.id[:12]}) cannot be mounted: {problem}")
+        raise ValueError(f"hostapp {shown(hostapp.name)} ({hostapp.id[:12]}) cannot be mounted: {problem}")
 
     final: list[Decision] = []
     kept: list[Decision] = []

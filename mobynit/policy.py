@@ -114,7 +114,7 @@ def decide(ext: Extension, kernel_release: str, abi_token: str | None, host: Hos
     else:
         reason = kernel_verdict(labels, ext.modules, kernel_release, abi_token)
         if reason is None and host is not None:
-            reason = compat.sysext_verdict(ext.name, ext.release, host.os_release, host.architecture)
+            reason = compat.sysext_verdict(ext.release_name or ext.name, ext.release, host.os_release, host.architecture)
             mismatch = compat.os_version_verdict(labels, host.os_release.get("VERSION_ID"))
             if reason is None and mismatch is not None:
                 if host.strict_os_version:

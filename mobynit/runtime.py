@@ -158,7 +158,7 @@ def read_json(path: str, what: str, limit: int = CONFIG_LIMIT) -> dict:
         raise RuntimeFailure(f"{what} {e}") from None
     try:
         doc = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise RuntimeFailure(f"{what} {path} is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise RuntimeFailure(f"{what} {path} is not a JSON object")
@@ -181,6 +181,16 @@ def env_suffix(text: str) -> str:
     return "".join(c if c.isascii() and c.isalnum() else "_" for c in text.strip("/")).upper()
 
 
+def _env_safe(value: str) -> bool:
+    if "\0" in value:
+        return False
+    try:
+        os.fsencode(value)
+    except UnicodeError:
+        return False
+    return True
+
+
 def hook_env(rootfs: str | None, labels: Mapping[str, str], volumes: Mapping[str, str]) -> dict[str, str]:
     """The whole environment a hook gets: nothing of the engine's leaks in.
 
@@ -192,7 +202,10 @@ def hook_env(rootfs: str | None, labels: Mapping[str, str], volumes: Mapping[str
         env["EXTENSION_ROOTFS"] = rootfs
     for key in sorted(labels):
         if key.startswith(IMAGE_LABEL_PREFIX) and key != IMAGE_LABEL_PREFIX:
-            env["EXTENSION_IMAGE_" + env_suffix(key[len(IMAGE_LABEL_PREFIX) :])] = labels[key]
+            value = labels[key]
+            if not _env_safe(value):
+                continue  # a NUL or a lone surrogate cannot go into an environment: left out
+            env["EXTENSION_IMAGE_" + env_suffix(key[len(IMAGE_LABEL_PREFIX) :])] = value
     for dest in sorted(volumes):
         suffix = env_suffix(dest)
         if suffix:

@@ -285,10 +285,14 @@ class Store:
             dirs = [layer.path for layer in container.layers]
             known = [layer.facts for layer in container.layers]
             modules = probe_modules(dirs, release, known)
-            ext_release = read_extension_release(dirs, cname, known)
+            release_file = read_extension_release(dirs, cname, known)
         except StoreError as e:
             return Extension(id=name, name=_best_name(raw) or short, container=None, modules=None, fault=str(e))
-        return Extension(id=name, name=cname, container=container, modules=modules, fault=None, release=ext_release)
+        release_name, ext_release = release_file if release_file is not None else (None, None)
+        return Extension(
+            id=name, name=cname, container=container, modules=modules, fault=None, release=ext_release,
+            release_name=release_name,
+        )
 
 
 def _best_name(raw: bytes) -> str | None:
@@ -462,22 +466,25 @@ def read_release_file(layers: Sequence[str], relpath: str) -> dict[str, str] | N
 
 def read_extension_release(
     layers: Sequence[str], name: str, known: Sequence[LayerFacts | None] | None = None
-) -> dict[str, str] | None:
-    """The extension's `extension-release.<name>`: the one named after the
-    container, else the only one there is; None when it carries none."""
+) -> tuple[str, dict[str, str]] | None:
+    """(its name, its fields): the extension's `extension-release.<name>`, the one
+    named after the container, else the only one there is; None when it carries none."""
     if _surely_absent(known, EXTENSION_RELEASE_DIR):
         return None
-    names = sorted(n for n in _names_in(layers, EXTENSION_RELEASE_DIR) if n.startswith("extension-release."))
+    prefix = "extension-release."
+    names = sorted(n for n in _names_in(layers, EXTENSION_RELEASE_DIR) if n.startswith(prefix))
     if not names:
         return None
-    wanted = f"extension-release.{name}"
+    wanted = f"{prefix}{name}"
     if wanted not in names:
         if len(names) > 1:
-            raise StoreError(
-                f"{layers[0]}/{EXTENSION_RELEASE_DIR}: {len(names)} extension-release files and none is {printable(wanted)}"
-            )
+            raise StoreError(f"{layers[0]}/{EXTENSION_RELEASE_DIR}: {len(names)} extension-release files and none is {wanted}")
         wanted = names[0]
-    return read_release_file(layers, f"{EXTENSION_RELEASE_DIR}/{wanted}") or {}
+    relpath = f"{EXTENSION_RELEASE_DIR}/{wanted}"
+    fields = read_release_file(layers, relpath)
+    if fields is None:
+        raise StoreError(f"{layers[0]}/{relpath}: not a regular file")
+    return wanted[len(prefix) :], fields
 
 
 def read_os_release(layers: Sequence[str]) -> dict[str, str]:
