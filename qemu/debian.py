@@ -10,6 +10,13 @@ the booted system says about itself as `MARK` lines on the console:
 `target` (is-active multi-user.target), `virt` (systemd-detect-virt
 --container), `bootjson`, `dockerenv`, `root` and the extension's file,
 then powers off.
+
+The hostapp also confirms its boots to mobynit as a device would: it ships
+docs/examples/mobynit-confirm.service (enabled), the `mobynit` command and
+an fstab line that mounts the data partition at /mnt/data. The probe runs
+after the confirmation and reports it: `confirm` (the unit's state and
+result), `confirm-said` (its output) and `attempts` (the state file as
+confirm left it).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 INCLUDE = ("systemd", "systemd-sysv", "udev", "python3")
 PACKAGE = Path(__file__).resolve().parent.parent / "mobynit"  # installed into the hostapp, for `mobynit status`
+CONFIRM_UNIT = PACKAGE.parent / "docs" / "examples" / "mobynit-confirm.service"
 EXTRA_DIRS = ("mnt/sysroot/active", "mnt/data")
 
 PROBE = r"""#!/bin/sh
@@ -40,6 +48,9 @@ if [ -e /.dockerenv ]; then mark dockerenv yes; else mark dockerenv no; fi
 mark root "$(findmnt -n -o FSTYPE,OPTIONS /)"
 if [ -f /run/mobynit/boot.json ]; then mark bootjson "$(tr -d '\n' < /run/mobynit/boot.json)"; else mark bootjson none; fi
 python3 -m mobynit status 2>&1 | while IFS= read -r line; do mark status "$line"; done
+mark confirm "$(systemctl show -P ActiveState mobynit-confirm.service) $(systemctl show -P Result mobynit-confirm.service)"
+journalctl -b -o cat -u mobynit-confirm.service | grep '^mobynit: ' | while IFS= read -r line; do mark confirm-said "$line"; done
+if [ -f /mnt/data/mobynit/boot-attempts.json ]; then mark attempts "$(tr -d '\n' < /mnt/data/mobynit/boot-attempts.json)"; else mark attempts none; fi
 for f in /usr/share/debian-ext/hello /etc/debian-probe; do
     [ -f "$f" ] && mark file "$f $(head -n 1 "$f")"
 done
@@ -48,9 +59,20 @@ mark done
 systemctl --no-block poweroff
 """
 
+# What `pip install` would write as the console script (pyproject's [project.scripts]).
+COMMAND = """#!/usr/bin/python3
+import sys
+from mobynit.cli import main
+sys.exit(main())
+"""
+
+# The data partition where the booted system expects it (mnt-data.mount, which
+# mobynit-confirm.service requires); fsck is left to the OS (pass 0).
+FSTAB = "LABEL=resin-data /mnt/data ext4 nosuid,nodev 0 0\n"
+
 UNIT = """[Unit]
 Description=mobynit boot test probe
-After=multi-user.target
+After=multi-user.target mobynit-confirm.service
 
 [Service]
 Type=oneshot
@@ -118,6 +140,11 @@ def build(workdir: Path, cache: Path) -> Device:
                 "probe/etc/systemd/system/multi-user.target.wants/mobynit-probe.service": Symlink("../mobynit-probe.service"),
                 "probe/etc/debian-probe": "debian hostapp\n",
                 "probe/etc/hostname": "mobynit-debian\n",
+                "probe/etc/fstab": FSTAB,
+                "probe/usr/bin/mobynit": File(COMMAND, 0o755),
+                "probe/etc/systemd/system/mobynit-confirm.service": CONFIRM_UNIT.read_text(),
+                "probe/etc/systemd/system/multi-user.target.wants/mobynit-confirm.service":
+                    Symlink("../mobynit-confirm.service"),
             }
             for src in sorted(PACKAGE.glob("*.py")):
                 files[f"probe/usr/local/lib/python3.11/dist-packages/mobynit/{src.name}"] = src.read_bytes()

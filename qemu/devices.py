@@ -146,3 +146,25 @@ def build(workdir: Path, hostapp: HostappSpec, extensions=(), purge_marker: bool
     device = build_device(workdir, hostapp, extensions, purge_marker=purge_marker)
     disk = device_disk(workdir / "disk.img", device.sysroot, device.data if data else None)
     return device, disk
+
+
+# --- fallback after failed boots (tests/test_boot_fallback.py) ----------------------
+
+BAD_INIT = """#!/bin/busybox sh
+# An override's /sbin/init that cannot boot anything: it shows the boot record
+# it was left (so a test sees each failed boot counted), then PID 1 exits and
+# the kernel panics.
+echo "MARK bad-init $$"
+echo "MARK bootjson $(/bin/busybox tr -d '\n' < /run/mobynit/boot.json)"
+exit 1
+"""
+
+
+def bad_init_extensions() -> tuple[ExtensionSpec, ...]:
+    """An override that replaces the hostapp's init with one that exits at once
+    (the boot it takes part in never comes up, so never confirms), beside a
+    harmless normal extension: both must go when boot gives up on the set."""
+    return (
+        extension("bad-init", {"sbin/init": File(BAD_INIT, 0o755), "usr/share/bad-init/note": "override 1\n"}, override=1),
+        extension("tools", {"usr/share/tools/hello": "hello from tools\n"}),
+    )

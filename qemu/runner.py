@@ -32,7 +32,10 @@ KERNEL_TIME = re.compile(r"^\[\s*\d+\.\d+\] ")
 class Machine:
     """What to boot. Disks are attached read-only to the image files
     (`snapshot=on`): guests may write, the files never change, and several
-    machines can share one disk image."""
+    machines can share one disk image. A `persistent` machine writes through
+    to its image files instead (a device booted several times in a row, its
+    state kept between boots); QEMU's image lock then refuses a second
+    machine on the same file."""
 
     kernel: Path
     initrd: Path
@@ -41,6 +44,7 @@ class Machine:
     memory_mib: int = 512
     timeout: float = 180.0
     hotplug: tuple[Path, ...] = ()  # disks added later with Run.hotplug()
+    persistent: bool = False
 
     def command(self, qmp: Path | None = None) -> list[str]:
         cmd = [
@@ -48,10 +52,11 @@ class Machine:
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
             "-kernel", str(self.kernel), "-initrd", str(self.initrd), "-append", self.cmdline,
         ]
+        snapshot = "off" if self.persistent else "on"
         for n, disk in enumerate(self.disks):
-            cmd += ["-drive", f"file={disk},format=raw,if=virtio,snapshot=on,id=disk{n}"]
+            cmd += ["-drive", f"file={disk},format=raw,if=virtio,snapshot={snapshot},id=disk{n}"]
         for n, disk in enumerate(self.hotplug):
-            cmd += ["-drive", f"file={disk},format=raw,if=none,snapshot=on,id=late{n}"]
+            cmd += ["-drive", f"file={disk},format=raw,if=none,snapshot={snapshot},id=late{n}"]
         if qmp is not None:
             cmd += ["-qmp", f"unix:{qmp},server=on,wait=off"]
         return cmd

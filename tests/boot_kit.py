@@ -114,6 +114,8 @@ class Disks:
                 dev = build_device(where, devices.probe_hostapp(), devices.test_extensions(self.kernel_release))
             elif name == "debian":
                 dev = debian.build(where, CACHE)
+            elif name == "bad-init":  # tests/test_boot_fallback.py
+                dev = build_device(where, devices.probe_hostapp(), devices.bad_init_extensions())
             else:
                 raise KeyError(name)
             self.devices[name] = dev
@@ -128,7 +130,7 @@ class Disks:
         return self.disks[name]
 
     def _make(self, name: str, path: Path) -> disk.Disk:
-        if name in ("bare", "full", "debian"):
+        if name in ("bare", "full", "debian", "bad-init"):
             dev = self.device(name)
             return disk.device_disk(path, dev.sysroot, dev.data)
         full = self.device("full")
@@ -230,7 +232,20 @@ def files(result: runner.Result) -> dict[str, str]:
     return out
 
 
+_KIT: Kit | None = None
+
+
 def make_kit(work: Path, log: Callable[[str], None]) -> Kit:
+    """The kit of this process: every boot test file shares one (the kernel,
+    the initramfs and the devices are the same for all), made under the
+    `work` of the first to ask."""
+    global _KIT
+    if _KIT is None:
+        _KIT = _make_kit(work, log)
+    return _KIT
+
+
+def _make_kit(work: Path, log: Callable[[str], None]) -> Kit:
     start = time.monotonic()
     k = kernel.fetch(CACHE / "kernel")
     from initramfs import build as initramfs
