@@ -335,6 +335,9 @@ def assemble(
     for line in describe_selection(plan):
         log(line)
     n = len(plan.included)
+    if n:
+        how = f"{plan.layout} ({plan.mechanism}), stacking depth {plan.stacking_depth}"
+        log(f"layout {how}: {plan.layout_reason}" if plan.layout_reason else f"layout {how}")
     log(f"root mounted read-only at {target}: hostapp and {n} extension{'s' if n != 1 else ''}")
     record = plan.as_json()
     record["fallbacks"] = fallbacks
@@ -375,3 +378,18 @@ def write_record(path: str, record: Mapping[str, object]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
+
+
+def index_stores(where: Layout, kernel_release: str, force: bool = False) -> tuple[int, int]:
+    """Record the facts of every layer of the hostapp and of each readable
+    extension (`mobynit index`); returns (layers walked, layers in all)."""
+    from mobynit import facts
+
+    sel = select(where, Cmdline(""), kernel_release)
+    containers = [sel.hostapp] + [d.extension.container for d in sel.decisions if d.extension.container]
+    layers = {layer.id: os.path.dirname(layer.path) for c in containers for layer in c.layers}
+    try:
+        written = facts.index(sorted(layers.items()), force=force)
+    except OSError as e:
+        raise StoreError(f"cannot record layer facts: {e.filename}: {e.strerror}") from None
+    return len(written), len(layers)

@@ -252,20 +252,10 @@ def cmd_confirm(args: Args) -> int:
 
 def cmd_index(args: Args) -> int:
     """Walk every layer of the hostapp and of each readable extension once."""
-    import os.path
+    from mobynit.assemble import index_stores
 
-    from mobynit import facts
-    from mobynit.assemble import select
-    from mobynit.cmdline import Cmdline
-
-    sel = select(_layout(args), Cmdline(""), args.kernel_release or os.uname().release)
-    containers = [sel.hostapp] + [d.extension.container for d in sel.decisions if d.extension.container]
-    layers = {layer.id: os.path.dirname(layer.path) for c in containers for layer in c.layers}
-    try:
-        written = facts.index(sorted(layers.items()), force=args.force)
-    except OSError as e:
-        raise MobynitError(f"cannot record layer facts: {e.filename}: {e.strerror}") from None
-    print(f"{len(written)} of {len(layers)} layers indexed")
+    written, total = index_stores(_layout(args), args.kernel_release or os.uname().release, force=args.force)
+    print(f"{written} of {total} layers indexed")
     return 0
 
 

@@ -172,9 +172,15 @@ def unchanged(diff: str, dirs: Sequence[tuple[str, int]]) -> bool:
             st = os.lstat(diff if rel == "." else f"{diff}/{rel}")
         except OSError:
             return False
-        if not stat.S_ISDIR(st.st_mode) or st.st_ctime_ns != ctime:
+        if not stat.S_ISDIR(st.st_mode) or not _same_time(st.st_ctime_ns, ctime):
             return False
     return True
+
+
+def _same_time(now: int, recorded: int) -> bool:
+    """Equal, or equal to the second where the file system kept no nanoseconds
+    (mkfs.ext4 -d, which makes device images, copies ctimes without them)."""
+    return now == recorded or (now % 1_000_000_000 == 0 and now // 1_000_000_000 == recorded // 1_000_000_000)
 
 
 def load(layer_dir: str, layer_id: str) -> LayerFacts | None:

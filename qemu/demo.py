@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     step("device: hostapp + 3 extensions (tools, firmware: normal; hotfix: override 10), built by dockerd")
     start = time.monotonic()
     shutil.rmtree(work / "device", ignore_errors=True)
-    device, disk = devices.build(work / "device", devices.demo_hostapp(), devices.three_extensions())
+    device, disk = devices.build(work / "device", devices.demo_hostapp(), devices.three_extensions(), index=True)
     print(f"{disk.path}: resin-rootA (/balena, /current -> hostapps/{device.hostapp_id[:12]}...), "
           f"resin-data (/docker, /remove_me_to_reset); {time.monotonic() - start:.1f} s")
 

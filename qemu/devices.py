@@ -141,10 +141,11 @@ def test_extensions(kernel_release: str) -> tuple[ExtensionSpec, ...]:
 
 
 def build(workdir: Path, hostapp: HostappSpec, extensions=(), purge_marker: bool = True,
-          data: bool = True) -> tuple[Device, Disk]:
-    """A device (real engines) and its disk image at workdir/disk.img."""
+          data: bool = True, index: bool = False) -> tuple[Device, Disk]:
+    """A device (real engines) and its disk image at workdir/disk.img; with
+    `index`, its layers' facts recorded so that boot can mount it flat."""
     device = build_device(workdir, hostapp, extensions, purge_marker=purge_marker)
-    disk = device_disk(workdir / "disk.img", device.sysroot, device.data if data else None)
+    disk = device_disk(workdir / "disk.img", device.sysroot, device.data if data else None, index=index)
     return device, disk
 
 

@@ -102,9 +102,17 @@ def make_disk(path: Path, partitions: list[Partition], signature: int = 0x6D6F62
     return Disk(path=path, signature=signature, labels=tuple(p.label for p in partitions))
 
 
-def device_disk(path: Path, sysroot: Path, data: Path | None) -> Disk:
+def device_disk(path: Path, sysroot: Path, data: Path | None, *, index: bool = False) -> Disk:
     """The disk of a device built by harness.device.build_device (no data
-    partition when `data` is None)."""
+    partition when `data` is None). With `index`, the layers' facts are
+    recorded first (`mobynit index`, as an image build would), so that boot
+    can mount a flat root."""
+    if index:
+        import os
+
+        from mobynit.assemble import index_stores, locate
+
+        index_stores(locate(str(sysroot), str(data) if data is not None else None), os.uname().release)
     parts = [Partition(ROOT_LABEL, sysroot, uuid=ROOT_UUID)]
     if data is not None:
         parts.append(Partition(DATA_LABEL, data, uuid=DATA_UUID))
