@@ -158,6 +158,9 @@ def _snapshot(root: Path) -> dict[str, tuple[object, ...]]:
             extra: object = None
             if stat.S_ISLNK(st.st_mode):
                 extra = os.readlink(path)
+            elif name == FACTS:  # holds ctimes, which undoing changes: presence is what counts
+                out[rel] = (stat.S_IFMT(st.st_mode), "facts")
+                continue
             elif stat.S_ISREG(st.st_mode) and "/diff/" not in rel and st.st_size < 1 << 16:
                 with open(path, "rb") as f:
                     extra = f.read()
@@ -260,20 +263,31 @@ class Arena:
         return str(self.mirror / rel)
 
     def reset(self) -> None:
+        """Undo every corruption; index again if a layer's contents were touched.
+
+        Facts carry the ctimes of the layer's directories, which the undoing renames
+        change: left alone they would read as stale from then on, and every later
+        example would be nested, never flat.
+        """
+        touched = any("/diff" in rel for rel, _ in (*self.journal.entries, *self.hjournal.entries))
         self.journal.undo()
         self.hjournal.undo()
+        if touched and self.indexed:
+            _index(self.dev, "--force")
         for leftover in os.listdir(self.stash):
             if leftover != "hostapp":
                 _remove(str(self.stash / leftover))
 
 
-def _index(dev: StandardDevice) -> bool:
+def _index(dev: StandardDevice, *extra: str) -> bool:
     """Record layer facts in the copy with `mobynit index`, when this mobynit has it."""
-    args = ["--sysroot", str(dev.sysroot), "--data", str(dev.data), "--kernel-release", KERNEL_RELEASE]
-    proc = subprocess.run([sys.executable, "-m", "mobynit", "index", *args], capture_output=True, text=True)
-    if proc.returncode == 2 and "invalid choice" in proc.stderr:
+    args = ["--sysroot", str(dev.sysroot), "--data", str(dev.data), "--kernel-release", KERNEL_RELEASE, *extra]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = cli.main(["index", *args])
+    if status == 2 and "index" in err.getvalue():  # no such command in this mobynit
         return False
-    assert proc.returncode == 0, proc.stderr
+    assert status == 0, err.getvalue()
     return True
 
 
