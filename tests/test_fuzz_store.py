@@ -1106,9 +1106,9 @@ def test_flat_root_equals_nested(arena: Arena, corruptions: list[tuple], release
         a.reset()
     (auto, auto_tree), (nested, nested_tree) = roots
     event(f"auto layout: {auto.get('layout')}")
-    assert nested.get("layout") == "nested"
     included = [[e["id"] for e in r["extensions"] if e["included"]] for r in (auto, nested)]
     assert included[0] == included[1]
+    assert nested.get("layout") == "nested" or not included[1]  # the hostapp alone is one mount either way
     if auto_tree != nested_tree:
         only = sorted(set(auto_tree) ^ set(nested_tree))[:10]
         changed = sorted(k for k in set(auto_tree) & set(nested_tree) if auto_tree[k] != nested_tree[k])[:10]
