@@ -48,9 +48,10 @@ if [ -e /.dockerenv ]; then mark dockerenv yes; else mark dockerenv no; fi
 mark root "$(findmnt -n -o FSTYPE,OPTIONS /)"
 if [ -f /run/mobynit/boot.json ]; then mark bootjson "$(tr -d '\n' < /run/mobynit/boot.json)"; else mark bootjson none; fi
 python3 -m mobynit status 2>&1 | while IFS= read -r line; do mark status "$line"; done
-mark confirm "$(systemctl show -P ActiveState mobynit-confirm.service) $(systemctl show -P Result mobynit-confirm.service)"
-journalctl -b -o cat -u mobynit-confirm.service | grep '^mobynit: ' | while IFS= read -r line; do mark confirm-said "$line"; done
-if [ -f /mnt/data/mobynit/boot-attempts.json ]; then mark attempts "$(tr -d '\n' < /mnt/data/mobynit/boot-attempts.json)"; else mark attempts none; fi
+confirm=mobynit-confirm.service state=/mnt/data/mobynit/boot-attempts.json
+mark confirm "$(systemctl show -P ActiveState $confirm) $(systemctl show -P Result $confirm)"
+journalctl -b -o cat -u $confirm | grep '^mobynit: ' | while IFS= read -r line; do mark confirm-said "$line"; done
+if [ -f $state ]; then mark attempts "$(tr -d '\n' < $state)"; else mark attempts none; fi
 for f in /usr/share/debian-ext/hello /etc/debian-probe; do
     [ -f "$f" ] && mark file "$f $(head -n 1 "$f")"
 done

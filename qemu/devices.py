@@ -166,6 +166,7 @@ def bad_init_extensions() -> tuple[ExtensionSpec, ...]:
     (the boot it takes part in never comes up, so never confirms), beside a
     harmless normal extension: both must go when boot gives up on the set."""
     return (
-        extension("bad-init", {"sbin/init": File(BAD_INIT, 0o755), "usr/share/bad-init/note": "override 1\n"}, override=1),
+        extension("bad-init", {"sbin/init": File(BAD_INIT, 0o755), "usr/share/bad-init/note": "override 1\n"},
+                  override=1),
         extension("tools", {"usr/share/tools/hello": "hello from tools\n"}),
     )
