@@ -329,6 +329,11 @@ def format_status(record: dict) -> str:
             out.append(f"  + {name} ({where})")
         else:
             out.append(f"  - {name}: {ext.get('reason')}")
+    counted = record.get("attempts")
+    if isinstance(counted, dict):
+        state = "hostapp alone" if counted.get("fallback") else "counting"
+        out.append(f"boot attempts: {counted.get('unconfirmed')} unconfirmed of "
+                   f"mobynit.max_tries={counted.get('max_tries')} ({state}); `mobynit confirm` resets them")
     for fallback in record.get("fallbacks") or []:
         out.append(f"fallback: {fallback}")
     if boot:
