@@ -102,6 +102,16 @@ def _require_dir(path: str) -> None:
         raise StoreError(f"{path}: not a directory")
 
 
+def _readlink(path: str, when_missing: str) -> str:
+    """A symlink's target, never followed; StoreError saying what is wrong otherwise."""
+    try:
+        return os.readlink(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: {when_missing}") from None
+    except OSError as e:
+        raise StoreError(f"{path}: not a symlink ({e.strerror})") from None
+
+
 def _dir_has_entries(path: str) -> bool:
     with os.scandir(path) as it:
         return next(it, None) is not None
@@ -220,12 +230,7 @@ class Store:
             raise StoreError(f"{lower_path}: entry {entry[:80]!r} is not of the form l/<26 letters or digits>")
         self._require_shared_dir(f"{self.overlay2}/l")  # the kernel resolves l/<LINK> through it too
         link_path = f"{self.overlay2}/l/{link}"
-        try:
-            target = os.readlink(link_path)
-        except FileNotFoundError:
-            raise StoreError(f"{link_path}: missing (listed in {lower_path})") from None
-        except OSError as e:
-            raise StoreError(f"{link_path}: not a symlink ({e.strerror})") from None
+        target = _readlink(link_path, f"missing (listed in {lower_path})")
         dots, _, rest = target.partition("/")
         lid, _, diff = rest.partition("/")
         lid_ok = is_id(lid) or (lid.endswith("-init") and is_id(lid[:-5]))
@@ -307,12 +312,7 @@ def _best_name(raw: bytes) -> str | None:
 def hostapp_id(sysroot: str) -> str:
     """The hostapp container id: the basename of the `current` symlink."""
     current = f"{sysroot.rstrip('/')}/current"
-    try:
-        target = os.readlink(current)
-    except FileNotFoundError:
-        raise StoreError(f"{current}: missing; no hostapp is installed") from None
-    except OSError as e:
-        raise StoreError(f"{current}: not a symlink ({e.strerror})") from None
+    target = _readlink(current, "missing; no hostapp is installed")
     cid = target.rstrip("/").rpartition("/")[2]
     if not is_id(cid):
         raise StoreError(f"{current}: points to {target[:120]!r}, whose basename is not a 64-hex container id")
