@@ -64,6 +64,8 @@ def variant(base: Path, extensions: int, apps: int) -> Path:
     """A device whose data store keeps only the first `extensions` and `apps` containers."""
     out = CACHE / f"v{STORE_VERSION}-{extensions}-{apps}"
     if (out / "done").exists():
+        # Layer facts from an older mobynit are re-recorded; up-to-date ones are kept.
+        run_mobynit(["index", "--sysroot", str(out / "sysroot"), "--data", str(out / "data")])
         return out
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

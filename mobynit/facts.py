@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
 FACTS_NAME = "mobynit-facts.json"
-FACTS_VERSION = 1
+FACTS_VERSION = 2  # 2: directory ctimes, to tell stale facts
 FACTS_LIMIT = 32 << 20
 PATHS_LIMIT = 2000  # list every path only for extension-sized layers; big ones are asked by lookup
 OPAQUE_XATTR = "trusted.overlay.opaque"

@@ -268,17 +268,20 @@ class Store:
     def _scan_one(
         self, fd: int, name: str, is_dir: bool, wanted: Callable[[Mapping[str, str]], bool], release: str
     ) -> Extension | None:
+        # Most containers are applications: decide that with as little work as possible,
+        # and build the strings a fault needs only when there is one.
+        if is_dir:
+            try:
+                raw = read_file(f"{name}/config.v2.json", CONFIG_LIMIT, dir_fd=fd, display=f"{self.containers}/{name}/config.v2.json")
+            except StoreError as e:
+                return Extension(id=name, name=_short(name), container=None, modules=None, fault=str(e))
+            if EXTENSION_MARKERS[0] not in raw and EXTENSION_MARKERS[1] not in raw:
+                return None
         shown = f"{self.containers}/{printable(name)}"  # a planted name must not forge console lines
-        short = name[:12] if is_id(name) else printable(name)
+        short = _short(name)
         if not is_dir:
             return Extension(id=name, name=short, container=None, modules=None, fault=f"{shown}: not a directory, not followed")
         path = f"{shown}/config.v2.json"
-        try:
-            raw = read_file(f"{name}/config.v2.json", CONFIG_LIMIT, dir_fd=fd, display=path)
-        except StoreError as e:
-            return Extension(id=name, name=short, container=None, modules=None, fault=str(e))
-        if not any(marker in raw for marker in EXTENSION_MARKERS):
-            return None
         try:
             if not is_id(name):
                 raise StoreError(f"{shown}: directory name is not a 64-hex container id")
@@ -298,6 +301,10 @@ class Store:
             id=name, name=cname, container=container, modules=modules, fault=None, release=ext_release,
             release_name=release_name,
         )
+
+
+def _short(name: str) -> str:
+    return name[:12] if is_id(name) else printable(name)
 
 
 def _best_name(raw: bytes) -> str | None:
