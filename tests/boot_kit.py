@@ -45,6 +45,7 @@ def plug_when_waiting(run: runner.Run) -> None:
 SCENARIOS: dict[str, Scenario] = {
     "hostapp-alone": Scenario("bare"),
     "extensions": Scenario("full"),
+    "flat": Scenario("full-indexed"),
     "balena.nohostext": Scenario("full", "balena.nohostext"),
     "balena.disable_overlays": Scenario("full", "balena.disable_overlays"),
     "mobynit.no_overlays": Scenario("full", "mobynit.no_overlays"),
@@ -153,6 +154,12 @@ class Disks:
             config.write_text(raw[:cut])
             shutil.rmtree(_layer_dir(store, full.extensions["firmware"]) / "diff")
             return disk.device_disk(path, full.sysroot, data)
+        if name == "full-indexed":
+            # The same device with its layers' facts recorded, as an image build
+            # leaves them (mobynit index): boot can then mount one flat root.
+            sysroot = _copy_tree(full.sysroot, self.work / "sysroot-indexed")
+            data = _copy_tree(full.data, self.work / "data-indexed")
+            return disk.device_disk(path, sysroot, data, index=True)
         if name == "broken":
             sysroot = _copy_tree(full.sysroot, self.work / "sysroot-broken")
             (sysroot / "current").unlink()

@@ -154,6 +154,21 @@ def test_extensions_add_files_and_overrides_replace(booted):
     assert res.console.mark("dockerenv") == "no"
 
 
+@uses("extensions", "flat")
+def test_an_indexed_device_boots_a_flat_root_with_the_same_files(booted):
+    """Issue 4 in the guest: the layers' facts let boot mount one overlay of every
+    layer (stacking depth 1; Linux 6.1 has no lowerdir+, so mount(2) with short
+    links), and the booted system sees exactly what the nested root shows."""
+    flat, nested = booted("flat"), booted("extensions")
+    reached_init(flat)
+    record = boot_record(flat)
+    assert (record["layout"], record["mechanism"], record["stacking_depth"]) == ("flat", "mount", 1), record["layout_reason"]
+    assert [op["op"] for op in record["mounts"]] == ["symlinks", "mount", "unlink"]
+    assert boot_record(nested)["layout"] == "nested"
+    assert files(flat) == files(nested)
+    assert any(line.startswith("layout flat (mount), stacking depth 1") for line in flat.console.mobynit()), lines(flat)
+
+
 @uses("extensions")
 def test_kernel_version_label_against_the_booted_kernel(booted, kit):
     res = booted("extensions")
