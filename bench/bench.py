@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from harness import bulk  # noqa: E402
 from harness.device import build_device  # noqa: E402
-from mobynit import syscalls  # noqa: E402
+from mobynit.core import syscalls  # noqa: E402
 
 PYTHON = "/usr/bin/python3.11"
 CACHE = REPO / ".cache" / "bench"
@@ -112,7 +112,7 @@ def assemble_runs(dev: Path, release: str, runs: int, work: Path, target: Path, 
 def startup(runs: int) -> tuple[float, float]:
     """(interpreter alone, interpreter + the boot path's imports), medians in ms."""
     bare, imports = [], []
-    code = "import mobynit.cli, mobynit.assemble, mobynit.store, mobynit.policy, mobynit.plan, mobynit.facts, mobynit.syscalls"
+    code = "import mobynit.tools.cli, mobynit.core.assemble, mobynit.core.store, mobynit.core.policy, mobynit.core.plan, mobynit.core.facts, mobynit.core.syscalls"
     for _ in range(runs):
         t = time.perf_counter()
         subprocess.run([PYTHON, "-S", "-c", "pass"], check=True, env=env())

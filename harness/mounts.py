@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from mobynit import syscalls
+from mobynit.core import syscalls
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
 

@@ -38,7 +38,7 @@ MODULES = ("virtio_pci", "virtio_blk", "overlay")
 
 # The boot path starts at what /init runs; every module it can import, also
 # lazily inside a function, is found by reading the sources (boot_closure).
-BOOT_ENTRY = "mobynit.boot"
+BOOT_ENTRY = "mobynit.initrd.boot"
 # Imported by the interpreter itself on demand (codecs by name).
 INTERPRETER_EXTRAS = ("encodings.ascii", "encodings.latin_1")
 # Never shipped: hashlib falls back to the built-in _sha256 without OpenSSL.

@@ -1,3 +1,3 @@
-from mobynit.cli import main
+from mobynit.tools.cli import main
 
 raise SystemExit(main())

@@ -63,7 +63,7 @@ systemctl --no-block poweroff
 # What `pip install` would write as the console script (pyproject's [project.scripts]).
 COMMAND = """#!/usr/bin/python3
 import sys
-from mobynit.cli import main
+from mobynit.tools.cli import main
 sys.exit(main())
 """
 

@@ -110,7 +110,7 @@ def device_disk(path: Path, sysroot: Path, data: Path | None, *, index: bool = F
     if index:
         import os
 
-        from mobynit.assemble import index_stores, locate
+        from mobynit.core.assemble import index_stores, locate
 
         index_stores(locate(str(sysroot), str(data) if data is not None else None), os.uname().release)
     parts = [Partition(ROOT_LABEL, sysroot, uuid=ROOT_UUID)]

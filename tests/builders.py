@@ -12,8 +12,8 @@ import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 
-from mobynit import policy
-from mobynit.model import Container, Decision, Extension, KernelModules, Layer
+from mobynit.core import policy
+from mobynit.core.model import Container, Decision, Extension, KernelModules, Layer
 
 HOSTAPP_OVERLAY2 = "/mnt/sysroot/active/balena/overlay2"
 DATA_OVERLAY2 = "/mnt/data/docker/overlay2"

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from harness import mounts
-from mobynit import syscalls
+from mobynit.core import syscalls
 
 ABI = "balena_kernel_abi"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from harness import mounts
-from mobynit import syscalls
+from mobynit.core import syscalls
 from tests.runs import ABI, assembled, by_name, layout_args, mobynit, plan, read
 
 pytestmark = pytest.mark.engine

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mobynit import attempts
-from mobynit.attempts import NONE, Attempts, at_boot, confirmed
+from mobynit.core import attempts
+from mobynit.core.attempts import NONE, Attempts, at_boot, confirmed
 from tests.runs import assembled, mobynit
 
 A, B = "a" * 64, "b" * 64

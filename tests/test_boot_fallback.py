@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from mobynit import attempts
+from mobynit.core import attempts
 from qemu import disk, runner
 from tests import boot_kit
 from tests.boot_kit import boot_record, files

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from initramfs import build as initramfs
-from mobynit import blockdev
-from mobynit.boot import resolve_in
-from mobynit.console import Console
+from mobynit.initrd import blockdev
+from mobynit.initrd.boot import resolve_in
+from mobynit.initrd.console import Console
 from qemu import disk
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -220,9 +220,9 @@ def test_disk_layout(tmp_path):
 
 def test_boot_closure_is_lean():
     closure = initramfs.boot_closure()
-    assert {"mobynit.boot", "mobynit.assemble", "mobynit.blockdev", "mobynit.console", "socket", "json"} <= closure
+    assert {"mobynit.initrd.boot", "mobynit.core.assemble", "mobynit.initrd.blockdev", "mobynit.initrd.console", "socket", "json"} <= closure
     # What the boot path must never pull in (cost, or a dependency off the boot path).
-    assert not closure & {"attrs", "argparse", "logging", "typing", "pyroute2", "mobynit.cli", "mobynit.manager"}
+    assert not closure & {"attrs", "argparse", "logging", "typing", "pyroute2", "mobynit.tools.cli", "mobynit.runtime.manager"}
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +250,7 @@ def test_initramfs_runs_the_boot_imports_in_a_chroot(kernel_modules, tmp_path):
     root.mkdir()
     subprocess.run(f"gzip -dc {out} | cpio -idm --quiet", shell=True, cwd=root, check=True)
     for path in ("init", "bin/busybox", "bin/sh", "sbin/switch_root", "usr/bin/python3", "dev/console",
-                 "usr/lib/python3.11/mobynit/boot.py", "usr/lib/python3.11/os.pyc", "lib/modules/load-order"):
+                 "usr/lib/python3.11/mobynit/initrd/boot.py", "usr/lib/python3.11/os.pyc", "lib/modules/load-order"):
         assert os.path.lexists(root / path), path
     assert not list(root.rglob("attrs")) and not list(root.rglob("_ssl*"))
     # The interpreter as packed starts, and everything the boot path can reach imports.

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from harness.bulk import build_bulk_device
-from mobynit.plan import lowerdir_plus_supported
+from mobynit.core.plan import lowerdir_plus_supported
 from tests.runs import assembled, mobynit, plan
 
 pytestmark = pytest.mark.engine

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mobynit.cmdline import EXTENSION_SWITCHES, Cmdline, is_false, is_true, split
+from mobynit.core.cmdline import EXTENSION_SWITCHES, Cmdline, is_false, is_true, split
 
 PROPS = settings(max_examples=200, deadline=None)
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mobynit import compat
-from mobynit.compat import (
+from mobynit.core import compat
+from mobynit.core.compat import (
     LABEL_OS_VERSION,
     architecture,
     glob_match,
@@ -341,7 +341,7 @@ def test_glob_is_not_exponential() -> None:
 
 def test_importing_compat_stays_cheap() -> None:
     code = (
-        "import sys; import mobynit.compat; "
+        "import sys; import mobynit.core.compat; "
         "print(' '.join(m for m in ('re', 'fnmatch', 'typing', 'attrs', 'shlex', 'json') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,

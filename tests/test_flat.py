@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from mobynit import facts, syscalls
-from mobynit.plan import lowerdir_plus_supported
+from mobynit.core import facts
+from mobynit.core import syscalls
+from mobynit.core.plan import lowerdir_plus_supported
 from tests.runs import ABI, assembled, mobynit, plan
 
 pytestmark = pytest.mark.engine

@@ -63,7 +63,8 @@ from hypothesis import strategies as st
 
 from harness import mounts
 from harness.device import KERNEL_RELEASE, StandardDevice, copy_device
-from mobynit import cli, syscalls
+from mobynit.tools import cli
+from mobynit.core import syscalls
 
 pytestmark = pytest.mark.engine
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness.device import OVERLAY_CLASS, ExtensionSpec, HostappSpec, Layer, build_device
-from mobynit.compat import host_architecture
+from mobynit.core.compat import host_architecture
 from tests.runs import assembled, by_name, plan
 
 pytestmark = pytest.mark.engine

@@ -17,7 +17,7 @@ from harness import device as devices
 from harness import mounts
 from harness.engine import Engine, EngineError
 from harness.rootfs import busybox_tree
-from mobynit import syscalls
+from mobynit.core import syscalls
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 LINK = re.compile(r"[A-Z0-9]{26}")

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from mobynit import manager
-from mobynit.errors import MobynitError
-from mobynit.manager import Candidate, EngineAPIError, EngineClient, System
-from mobynit.model import KernelModules
-from mobynit.runtime import RuntimeFailure
+from mobynit.runtime import manager
+from mobynit.core.errors import MobynitError
+from mobynit.runtime.manager import Candidate, EngineAPIError, EngineClient, System
+from mobynit.core.model import KernelModules
+from mobynit.runtime.cli import RuntimeFailure
 
 SYSTEM = System(kernel_release="6.1.0-9-amd64", abi_token=None, os_version="2.119.3")
 
@@ -65,7 +65,7 @@ def test_stale_by_kernel_abi(tmp_path: Path) -> None:
     (layer / "lib/modules/6.1.0-9-amd64/Module.symvers").write_bytes(symvers)
     c = candidate({"io.balena.image.kernel-abi-id": digest}, layers=(str(tmp_path / "upper"), str(layer)))
     (tmp_path / "upper").mkdir()
-    from mobynit.store import probe_modules
+    from mobynit.core.store import probe_modules
 
     assert manager.stale_reason(c, SYSTEM, probe_modules) is None
     assert manager.stale_reason(c, System(SYSTEM.kernel_release, digest, SYSTEM.os_version), probe_modules) is None
@@ -191,10 +191,10 @@ def test_a_garbled_answer_is_an_error_not_a_traceback(tmp_path: Path) -> None:
     ],
 )
 def test_cli_errors_are_sentences(args: list[str], message: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "mobynit.manager", *args], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "mobynit.runtime.manager", *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_usage_errors() -> None:
-    proc = subprocess.run([sys.executable, "-m", "mobynit.manager", "cleanup", "--frob"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "mobynit.runtime.manager", "cleanup", "--frob"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unrecognized arguments: --frob" in proc.stderr and "Traceback" not in proc.stderr

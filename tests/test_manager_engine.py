@@ -23,7 +23,7 @@ import pytest
 from harness.device import set_state
 from harness.engine import Engine, EngineError
 from harness.rootfs import File
-from mobynit import runtime
+from mobynit.runtime import cli as runtime
 
 pytestmark = pytest.mark.engine
 

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builders import container, extension, hostapp
-from mobynit.errors import shown
-from mobynit.model import Container, Decision, KernelModules, Layer, Record
+from mobynit.core.errors import shown
+from mobynit.core.model import Container, Decision, KernelModules, Layer, Record
 
 PROPS = settings(max_examples=200, deadline=None)
 
@@ -169,7 +169,7 @@ def test_jsonio_matches_json_without_importing_it() -> None:
 
     code = r'''
 import sys
-from mobynit import jsonio
+from mobynit.core import jsonio
 assert "json" not in sys.modules and "re" not in sys.modules, sorted(m for m in ("json", "re") if m in sys.modules)
 assert jsonio.loads(b'{"a": [1, 2.5, "\\u00e9", null, true]}') == {"a": [1, 2.5, "\u00e9", None, True]}
 assert jsonio.dumps({"a": [1, "\u00e9", None]}) == '{"a":[1,"\\u00e9",null]}'

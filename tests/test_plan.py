@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 import builders
 from builders import extension, hostapp
-from mobynit import plan as planner
-from mobynit import policy
-from mobynit.model import OVERRIDE, Container, Decision
-from mobynit.plan import Detach, MakeDir, Mount, Plan, RemoveDir
+from mobynit.core import plan as planner
+from mobynit.core import policy
+from mobynit.core.model import OVERRIDE, Container, Decision
+from mobynit.core.plan import Detach, MakeDir, Mount, Plan, RemoveDir
 
 PROPS = settings(max_examples=200, deadline=None)
 RELEASE = "6.1.0-13-cloud-amd64"

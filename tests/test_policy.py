@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from builders import extension, modules
-from mobynit import policy
-from mobynit.model import NORMAL, OVERRIDE, KernelModules
+from mobynit.core import policy
+from mobynit.core.model import NORMAL, OVERRIDE, KernelModules
 
 PROPS = settings(max_examples=200, deadline=None)
 RELEASE = "6.1.0-13-cloud-amd64"

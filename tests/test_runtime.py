@@ -1,6 +1,6 @@
 """The extension runtime without an engine: its CLI driven the way containerd's shim drives runc.
 
-Every call runs the real `python -m mobynit.runtime` in a child process, and
+Every call runs the real `python -m mobynit.runtime.cli` in a child process, and
 the test process plays the shim: it is a child subreaper while a test runs,
 so the proxy the runtime forks becomes its child and its exit status can be
 checked exactly as the shim reports it to the engine.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from mobynit import runtime
-from mobynit.runtime import RuntimeFailure, UsageError
+from mobynit.runtime import cli as runtime
+from mobynit.runtime.cli import RuntimeFailure, UsageError
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -81,7 +81,7 @@ class Rt:
         self.env = dict(os.environ, **{runtime.ENGINE_ROOT_ENV: str(self.engine_root)})
 
     def argv(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "mobynit.runtime", "--root", str(self.root), "--log", str(self.log),
+        return [sys.executable, "-m", "mobynit.runtime.cli", "--root", str(self.root), "--log", str(self.log),
                 "--log-format", "json", *args]
 
     def __call__(self, *args: str, check: bool = True, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -595,7 +595,7 @@ def test_bad_command_lines_get_a_sentence(rt: Rt, args: tuple[str, ...], message
 
 
 def test_bad_log_format_and_no_log(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "mobynit.runtime", "--root", str(tmp_path)]
+    cmd = [sys.executable, "-m", "mobynit.runtime.cli", "--root", str(tmp_path)]
     proc = run_files([*cmd, "--log-format", "xml", "state", "x"])
     assert proc.returncode == 1 and "--log-format must be text or json, not 'xml'" in proc.stderr
     proc = run_files([*cmd, "state", "x"])
@@ -608,9 +608,9 @@ def test_runc_flag_spellings_and_version(rt: Rt, tmp_path: Path) -> None:
     rt("--systemd-cgroup", "--debug", "create", f"--bundle={b.path}", "--pid-file", str(pid_file),
        "--no-pivot", "--no-new-keyring", "ext1")
     assert any(e["level"] == "debug" and "called as" in e["msg"] for e in rt.entries())
-    assert run_files([sys.executable, "-m", "mobynit.runtime", f"-root={rt.root}", "delete", "-f", "ext1"]).returncode == 0
+    assert run_files([sys.executable, "-m", "mobynit.runtime.cli", f"-root={rt.root}", "delete", "-f", "ext1"]).returncode == 0
     assert exit_status(int(pid_file.read_text())) == 137
-    out = run_files([sys.executable, "-m", "mobynit.runtime", "--version"]).stdout
+    out = run_files([sys.executable, "-m", "mobynit.runtime.cli", "--version"]).stdout
     assert out.startswith("mobynit-runtime version ") and "spec: 1.0.2" in out
     features = json.loads(rt("features").stdout)
     assert features["ociVersionMax"] == runtime.OCI_VERSION

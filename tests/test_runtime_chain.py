@@ -19,7 +19,7 @@ import pytest
 from harness.device import build_device
 from harness.engine import Engine
 from harness.rootfs import File
-from mobynit import runtime
+from mobynit.runtime import cli as runtime
 from qemu import devices, disk, runner
 from tests import boot_kit
 

@@ -20,7 +20,7 @@ import pytest
 
 from harness.engine import Engine, EngineError
 from harness.rootfs import File
-from mobynit import runtime
+from mobynit.runtime import cli as runtime
 
 pytestmark = pytest.mark.engine
 
@@ -112,7 +112,8 @@ def test_docker_run_installs_the_extension_and_it_shows_exited_0(setup: Setup) -
     state = s.engine.inspect("ext-a")["State"]
     assert (state["Status"], state["ExitCode"], state["Error"]) == ("exited", 0, "")
     # create recorded the layers' facts, so the next boot can mount it in a flat root.
-    from mobynit import facts, store
+    from mobynit.core import facts
+    from mobynit.core import store
 
     layers = store.Store(str(s.engine.data_root)).layers(cid)
     assert layers and all(facts.load(os.path.dirname(layer.path), layer.id) is not None for layer in layers)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
-from mobynit.errors import shown
+from mobynit.core.errors import shown
 
 PREFIX = "mobynit: "
 LEVEL_INFO = 6

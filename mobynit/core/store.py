@@ -11,19 +11,19 @@ StoreError naming the file; the caller decides whether that sinks a boot
 
 from __future__ import annotations
 
-from mobynit import jsonio
+from mobynit.core import jsonio
 import os
 import stat
 
-from mobynit.errors import StoreError
-from mobynit.errors import shown as printable
-from mobynit.model import Container, Extension, KernelModules, Layer
+from mobynit.core.errors import StoreError
+from mobynit.core.errors import shown as printable
+from mobynit.core.model import Container, Extension, KernelModules, Layer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from mobynit.facts import LayerFacts
+    from mobynit.core.facts import LayerFacts
 
 HEX = frozenset("0123456789abcdef")
 LINK_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -386,7 +386,7 @@ def lookup(layers: Sequence[str], relpath: str) -> tuple[str, str] | None:
 
 
 def _facts(layer_dir: str, layer_id: str) -> LayerFacts | None:
-    from mobynit.facts import load  # facts reads through this module: import late
+    from mobynit.core.facts import load  # facts reads through this module: import late
 
     return load(layer_dir, layer_id)
 
@@ -459,7 +459,7 @@ def _names_in(layers: Sequence[str], relpath: str) -> set[str]:
 
 def read_release_file(layers: Sequence[str], relpath: str) -> dict[str, str] | None:
     """An os-release style file in the merged view of `layers`, parsed; None if absent."""
-    from mobynit.compat import parse_os_release
+    from mobynit.core.compat import parse_os_release
 
     found = lookup(layers, relpath)
     if found is None or found[0] != "file":

@@ -26,14 +26,14 @@ a 4 KiB page.
 
 from __future__ import annotations
 
-from mobynit.errors import shown
-from mobynit.model import OVERRIDE, Record
+from mobynit.core.errors import shown
+from mobynit.core.model import OVERRIDE, Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from mobynit.model import Container, Decision, Layer
+    from mobynit.core.model import Container, Decision, Layer
 
 MAX_LOWER = 500  # overlayfs: OVL_MAX_STACK
 FSCONFIG_VALUE_MAX = 255  # fsconfig() copies at most 256 bytes, NUL included
@@ -117,7 +117,7 @@ class Mount(Operation):
                         flags=self.flags, cwd=self.cwd, owner=self.owner)
 
     def execute(self) -> None:
-        from mobynit import syscalls
+        from mobynit.core import syscalls
 
         flags = 0
         for name in self.flags:
@@ -126,7 +126,7 @@ class Mount(Operation):
             syscalls.mount(self.source, self.target, self.fstype, flags, self.options)
 
     def undo(self) -> None:
-        from mobynit import syscalls
+        from mobynit.core import syscalls
 
         syscalls.umount(self.target, syscalls.MNT_DETACH)
 
@@ -165,7 +165,7 @@ class FsMount(Operation):
     def execute(self) -> None:
         import os
 
-        from mobynit import syscalls
+        from mobynit.core import syscalls
 
         fs = syscalls.fsopen("overlay")
         try:
@@ -190,7 +190,7 @@ class FsMount(Operation):
             os.close(mnt)
 
     def undo(self) -> None:
-        from mobynit import syscalls
+        from mobynit.core import syscalls
 
         syscalls.umount(self.target, syscalls.MNT_DETACH)
 
@@ -263,7 +263,7 @@ class Detach(Operation):
         return _op_json("detach", target=self.target, flags=("detach",), owner=self.owner)
 
     def execute(self) -> None:
-        from mobynit import syscalls
+        from mobynit.core import syscalls
 
         syscalls.umount(self.target, syscalls.MNT_DETACH)
 

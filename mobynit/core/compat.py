@@ -16,7 +16,7 @@ Nothing here reads the disk, and nothing here imports `re`, `fnmatch` or
 
 from __future__ import annotations
 
-from mobynit.errors import shown
+from mobynit.core.errors import shown
 
 TYPE_CHECKING = False  # `import typing` costs ~10 ms at boot
 if TYPE_CHECKING:

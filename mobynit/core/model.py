@@ -12,7 +12,7 @@ TYPE_CHECKING = False  # `import typing` costs ~10 ms at boot
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from mobynit.facts import LayerFacts
+    from mobynit.core.facts import LayerFacts
 
 
 class Record:
@@ -90,7 +90,7 @@ class Layer(Record):
     id: str
     path: str
     link: str
-    facts: LayerFacts | None  # what `mobynit index` recorded about it, if anything (mobynit.facts)
+    facts: LayerFacts | None  # what `mobynit index` recorded about it, if anything (mobynit.core.facts)
 
 
 class Container(Record):

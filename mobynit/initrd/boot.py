@@ -36,11 +36,13 @@ import time
 _IMPORTED = time.clock_gettime(time.CLOCK_BOOTTIME)  # before the package's own imports
 
 from mobynit import DEFAULT_RECORD
-from mobynit import assemble as assembler
-from mobynit import attempts
-from mobynit import blockdev, cmdline, syscalls
-from mobynit.console import Console
-from mobynit.errors import HostappError, MobynitError
+from mobynit.core import assemble as assembler
+from mobynit.core import attempts
+from mobynit.initrd import blockdev
+from mobynit.core import cmdline
+from mobynit.core import syscalls
+from mobynit.initrd.console import Console
+from mobynit.core.errors import HostappError, MobynitError
 
 EXIT_HANDOVER = 0
 EXIT_RESCUE = 100
@@ -303,7 +305,7 @@ def _float(text: str | None) -> float | None:
 
 def format_status(record: dict) -> str:
     """The boot record for people: what was booted, what was left out and why."""
-    from mobynit.errors import shown
+    from mobynit.core.errors import shown
 
     out = []
     boot = record.get("boot") or {}

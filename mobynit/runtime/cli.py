@@ -34,8 +34,8 @@ import subprocess
 import sys
 import time
 
-from mobynit.errors import MobynitError, UsageError, shown
-from mobynit.model import Record
+from mobynit.core.errors import MobynitError, UsageError, shown
+from mobynit.core.model import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -149,8 +149,8 @@ def fsync_dir(path: str) -> None:
 def read_json(path: str, what: str, limit: int = CONFIG_LIMIT) -> dict:
     """A JSON object from the regular file `path` (never through a final
     symlink, at most `limit` bytes); RuntimeFailure naming the file otherwise."""
-    from mobynit.errors import StoreError
-    from mobynit.store import read_file
+    from mobynit.core.errors import StoreError
+    from mobynit.core.store import read_file
 
     try:
         raw = read_file(path, limit)
@@ -293,7 +293,9 @@ def extension_labels(annotations: Mapping[str, str], engine_root: str, cid: str)
 
 def boot_verdict(labels: Mapping[str, str], rootfs: str) -> str | None:
     """What the assembler will say at the next boot: why it would skip this extension."""
-    from mobynit import cmdline, policy, store
+    from mobynit.core import cmdline
+    from mobynit.core import policy
+    from mobynit.core import store
 
     release = os.uname().release
     try:
@@ -309,8 +311,9 @@ def boot_verdict(labels: Mapping[str, str], rootfs: str) -> str | None:
 
 def index_layers(engine_root: str, cid: str) -> str | None:
     """Record the extension's layer facts now, so the next boot can mount it in
-    one flat root (see mobynit.facts); returns what went wrong, if anything."""
-    from mobynit import facts, store
+    one flat root (see mobynit.core.facts); returns what went wrong, if anything."""
+    from mobynit.core import facts
+    from mobynit.core import store
 
     if not os.path.isdir(f"{engine_root}/image/overlay2/layerdb/mounts/{cid}"):
         return None  # not a container of this engine's store (ctr run, another engine): nothing to index
@@ -656,7 +659,7 @@ def cmd_create(opts: Options, cid: str, bundle: str, pid_file: str, console_sock
         rootfs = resolve_rootfs(spec, bundle, config)
         annotations = string_map(spec.get("annotations"), f"{config}: annotations")
         labels, source = extension_labels(annotations, opts.engine_root, cid)
-        from mobynit.policy import is_extension
+        from mobynit.core.policy import is_extension
 
         if not is_extension(labels):
             raise RuntimeFailure(

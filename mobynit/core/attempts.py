@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from mobynit.model import Record
+from mobynit.core.model import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -49,9 +49,9 @@ def state_path(data: str) -> str:
 
 def read(path: str) -> Attempts:
     """The recorded attempts; NONE when the file is missing, torn or garbled."""
-    from mobynit import jsonio
-    from mobynit.errors import StoreError
-    from mobynit.store import is_id, read_file
+    from mobynit.core import jsonio
+    from mobynit.core.errors import StoreError
+    from mobynit.core.store import is_id, read_file
 
     try:
         doc = jsonio.loads(read_file(path, 1 << 20))
@@ -69,7 +69,7 @@ def read(path: str) -> Attempts:
 
 def write(path: str, attempts: Attempts) -> None:
     """Atomically and durably: a power cut leaves the old file or the new one."""
-    from mobynit import jsonio
+    from mobynit.core import jsonio
 
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, mode=0o700, exist_ok=True)

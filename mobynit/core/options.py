@@ -9,7 +9,7 @@ UsageError with a sentence, like everything else in mobynit.
 
 from __future__ import annotations
 
-from mobynit.errors import UsageError
+from mobynit.core.errors import UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -33,9 +33,12 @@ from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 
-from mobynit import cmdline, compat, policy, store
-from mobynit.errors import MobynitError, shown
-from mobynit.runtime import RuntimeFailure, hook_env, run_hook
+from mobynit.core import cmdline
+from mobynit.core import compat
+from mobynit.core import policy
+from mobynit.core import store
+from mobynit.core.errors import MobynitError, shown
+from mobynit.runtime.cli import RuntimeFailure, hook_env, run_hook
 
 PROG = "mobynit-extension-manager"
 DEFAULT_HOST = "unix:///var/run/docker.sock"
@@ -217,8 +220,8 @@ def garbage_reason(c: Candidate) -> str | None:
 def stale_reason(c: Candidate, system: System, probe: Callable[[Sequence[str], str], object]) -> str | None:
     """Why this extension no longer suits the running system, or None.
 
-    The checks are the assembler's own (mobynit.policy for the kernel,
-    mobynit.compat for the OS version), so the manager removes exactly what
+    The checks are the assembler's own (mobynit.core.policy for the kernel,
+    mobynit.core.compat for the OS version), so the manager removes exactly what
     the next boot would refuse for those reasons.
     """
     modules = probe(c.layers, system.kernel_release) if c.layers else None

@@ -8,15 +8,15 @@ decides, and sorts the decisions into the order the mount stacks them.
 
 from __future__ import annotations
 
-from mobynit import compat
-from mobynit.errors import shown
-from mobynit.model import NORMAL, OVERRIDE, Decision, Record
+from mobynit.core import compat
+from mobynit.core.errors import shown
+from mobynit.core.model import NORMAL, OVERRIDE, Decision, Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
-    from mobynit.model import Extension, KernelModules
+    from mobynit.core.model import Extension, KernelModules
 
 LABEL_CLASS = "io.balena.image.class"
 LABEL_LEGACY = "io.balena.features.host-extension"  # seed 000, 2020

@@ -2,7 +2,7 @@
 
 Errors are caught here, once: a MobynitError becomes one line on stderr and
 exit status 1 (2 for a wrong command line). The options are parsed by
-mobynit.options rather than argparse, which alone would cost the boot path
+mobynit.core.options rather than argparse, which alone would cost the boot path
 about 15 ms; each command imports what it needs when it runs.
 """
 
@@ -12,15 +12,15 @@ import os
 import sys
 
 from mobynit import DEFAULT_RECORD, DEFAULT_TARGET, DEFAULT_WORKDIR
-from mobynit.errors import MobynitError, UsageError
-from mobynit.options import Args, Command, Opt, overview, parse
+from mobynit.core.errors import MobynitError, UsageError
+from mobynit.core.options import Args, Command, Opt, overview, parse
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from mobynit.assemble import Layout
-    from mobynit.plan import Plan
+    from mobynit.core.assemble import Layout
+    from mobynit.core.plan import Plan
 
 PROG = "mobynit"
 
@@ -94,18 +94,18 @@ def commands() -> list[Command]:
             cmd_index,
         ),
         Command("boot", "Assemble the root and prepare the handover (run by the initramfs /init as PID 1).",
-                [], "mobynit.boot:cmd_boot"),
+                [], "mobynit.initrd.boot:cmd_boot"),
         Command(
             "status", "Print the record of how this system was booted.",
             [Opt("--record", "FILE", f"the boot record (default: {DEFAULT_RECORD})", default=DEFAULT_RECORD),
              Opt("--json", None, "print the record as JSON", default=False)],
-            "mobynit.boot:cmd_status",
+            "mobynit.initrd.boot:cmd_status",
         ),
     ]
 
 
 def _layout(args: Args) -> Layout:
-    from mobynit.assemble import locate
+    from mobynit.core.assemble import locate
 
     return locate(
         args.sysroot,
@@ -136,8 +136,8 @@ def _page_size(args: Args) -> int:
 
 
 def _plan(args: Args) -> Plan:
-    from mobynit.assemble import make_plan, select
-    from mobynit.cmdline import Cmdline
+    from mobynit.core.assemble import make_plan, select
+    from mobynit.core.cmdline import Cmdline
 
     sel = select(_layout(args), Cmdline(_cmdline_text(args)), args.kernel_release or os.uname().release)
     return make_plan(sel, target=args.target, workdir=args.workdir, page_size=_page_size(args), layout=_layout_choice(args))
@@ -161,8 +161,8 @@ def cmd_plan(args: Args) -> int:
 
 def render(plan: Plan) -> str:
     """The plan for people: decisions first, then the exact operations."""
-    from mobynit.errors import shown
-    from mobynit.model import OVERRIDE
+    from mobynit.core.errors import shown
+    from mobynit.core.model import OVERRIDE
 
     h = plan.hostapp
     out = [f"hostapp: {shown(h.name)} {h.id}"]
@@ -191,8 +191,8 @@ def render(plan: Plan) -> str:
 
 
 def cmd_mount(args: Args) -> int:
-    from mobynit.assemble import make_plan, mount_plan, select
-    from mobynit.cmdline import Cmdline
+    from mobynit.core.assemble import make_plan, mount_plan, select
+    from mobynit.core.cmdline import Cmdline
 
     sel = select(_layout(args), Cmdline(""), os.uname().release, extensions=False)
     target = args.target or f"/run/mobynit/hostapp/{sel.hostapp.id}"
@@ -203,7 +203,7 @@ def cmd_mount(args: Args) -> int:
 
 
 def cmd_assemble(args: Args) -> int:
-    from mobynit.assemble import assemble, write_record
+    from mobynit.core.assemble import assemble, write_record
 
     def log(line: str) -> None:
         if not args.quiet:
@@ -236,7 +236,7 @@ def cmd_assemble(args: Args) -> int:
 
 
 def cmd_confirm(args: Args) -> int:
-    from mobynit import attempts
+    from mobynit.core import attempts
 
     path = args.attempts or attempts.state_path(args.data)
     previous = attempts.read(path)
@@ -252,7 +252,7 @@ def cmd_confirm(args: Args) -> int:
 
 def cmd_index(args: Args) -> int:
     """Walk every layer of the hostapp and of each readable extension once."""
-    from mobynit.assemble import index_stores
+    from mobynit.core.assemble import index_stores
 
     written, total = index_stores(_layout(args), args.kernel_release or os.uname().release, force=args.force)
     print(f"{written} of {total} layers indexed")

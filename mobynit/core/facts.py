@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 import stat
 
-from mobynit import jsonio
-from mobynit.errors import StoreError, shown
-from mobynit.model import Record
-from mobynit.store import read_file
+from mobynit.core import jsonio
+from mobynit.core.errors import StoreError, shown
+from mobynit.core.model import Record
+from mobynit.core.store import read_file
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -239,7 +239,7 @@ def flat_conflict(stacks: Sequence[Stack]) -> str | None:
     names a path that a stack below it has, or where a layer carries other
     overlay xattrs (redirects, metacopy) that a nested mount would have hidden.
     """
-    from mobynit.store import lookup
+    from mobynit.core.store import lookup
 
     below_paths: set[str] = set()
     below_unlisted: list[Stack] = []  # stacks too big to list: asked by lookup instead

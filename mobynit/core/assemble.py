@@ -12,20 +12,20 @@ import os
 import time
 
 from mobynit import DEFAULT_RECORD, DEFAULT_TARGET, DEFAULT_WORKDIR  # noqa: F401 (re-exported for boot)
-from mobynit import plan as planner
-from mobynit import policy
-from mobynit.cmdline import Cmdline
-from mobynit.errors import HostappError, MountError, StoreError, shown
-from mobynit.model import OVERRIDE, Record
-from mobynit.store import Store, hostapp_id
+from mobynit.core import plan as planner
+from mobynit.core import policy
+from mobynit.core.cmdline import Cmdline
+from mobynit.core.errors import HostappError, MountError, StoreError, shown
+from mobynit.core.model import OVERRIDE, Record
+from mobynit.core.store import Store, hostapp_id
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from mobynit.attempts import Attempts
-    from mobynit.model import Container, Decision, Extension
-    from mobynit.plan import Operation, Plan
+    from mobynit.core.attempts import Attempts
+    from mobynit.core.model import Container, Decision, Extension
+    from mobynit.core.plan import Operation, Plan
 
 HOSTAPP_STORE = "balena"
 DATA_STORE = "docker"
@@ -106,8 +106,8 @@ def select(
         found, token, why = [], None, "hostapp only"
     host = None
     if found:
-        from mobynit.compat import host_architecture
-        from mobynit.store import read_os_release
+        from mobynit.core.compat import host_architecture
+        from mobynit.core.store import read_os_release
 
         try:
             os_release = read_os_release([layer.path for layer in hostapp.layers])
@@ -177,7 +177,7 @@ def make_plan(
 
 def flat_conflict(plan: Plan) -> str | None:
     """Why this flat plan would not mean what the nested layout means, or None."""
-    from mobynit import facts
+    from mobynit.core import facts
 
     stacks = []
     for d in (*[d for d in plan.included if d.position == OVERRIDE], None, *[d for d in plan.included if d.position != OVERRIDE]):
@@ -328,7 +328,7 @@ def assemble(
     tries = previous = None
     dry_seconds = 0.0
     if attempts_file is not None:
-        from mobynit import attempts
+        from mobynit.core import attempts
 
         tries = attempts.max_tries(args.get(attempts.CMDLINE_MAX_TRIES))
         previous = attempts.read(attempts_file)
@@ -364,7 +364,7 @@ def assemble(
 def _count_attempt(path: str, previous: Attempts, plan: Plan, exclude: Mapping[str, str], tries: int,
                    log: Callable[[str], None]) -> dict[str, object]:
     """Record this boot in the attempts file; a failure to write is a warning, never a failed boot."""
-    from mobynit import attempts
+    from mobynit.core import attempts
 
     mounted = list(exclude) if exclude else [d.extension.id for d in plan.included]
     now, giving_up = attempts.at_boot(previous, mounted, tries)
@@ -379,7 +379,7 @@ def _count_attempt(path: str, previous: Attempts, plan: Plan, exclude: Mapping[s
 
 def write_record(path: str, record: Mapping[str, object]) -> None:
     """Write atomically: a reader sees the old record or the new one, never half."""
-    from mobynit import jsonio
+    from mobynit.core import jsonio
 
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
@@ -396,7 +396,7 @@ def write_record(path: str, record: Mapping[str, object]) -> None:
 def index_stores(where: Layout, kernel_release: str, force: bool = False) -> tuple[int, int]:
     """Record the facts of every layer of the hostapp and of each readable
     extension (`mobynit index`); returns (layers walked, layers in all)."""
-    from mobynit import facts
+    from mobynit.core import facts
 
     sel = select(where, Cmdline(""), kernel_release)
     containers = [sel.hostapp] + [d.extension.container for d in sel.decisions if d.extension.container]

@@ -1,0 +1,1 @@
+"""The boot path: read the stores, decide, plan, mount (standard library only)."""

@@ -1,0 +1,1 @@
+"""The PID-1 sequence of the initramfs: partitions, console, handover."""

@@ -1,0 +1,1 @@
+"""The OCI runtime for extension containers, and their manager."""

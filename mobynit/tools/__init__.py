@@ -1,0 +1,1 @@
+"""The `mobynit` command line."""
