@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from harness import mounts
-from mobynit.runtime.manager import UnixConnection
+from mobynit.runtime.engine import UnixConnection
 
 DOCKERD = "/usr/sbin/dockerd"
 DOCKER = "/usr/bin/docker"  # Debian's client; /usr/local/bin/docker is another one

@@ -147,8 +147,9 @@ def build(workdir: Path, cache: Path) -> Device:
                 "probe/etc/systemd/system/multi-user.target.wants/mobynit-confirm.service":
                     Symlink("../mobynit-confirm.service"),
             }
-            for src in sorted(PACKAGE.glob("*.py")):
-                files[f"probe/usr/local/lib/python3.11/dist-packages/mobynit/{src.name}"] = src.read_bytes()
+            for src in sorted(PACKAGE.rglob("*.py")):
+                rel = src.relative_to(PACKAGE)
+                files[f"probe/usr/local/lib/python3.11/dist-packages/mobynit/{rel}"] = src.read_bytes()
             image = host.build("debian:latest", "FROM debian-base:build\nCOPY probe/ /\n", files)
             hostapp_id = host.create(image, "debian")
             spec = ExtensionSpec(

@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 
 from mobynit.core import policy
+from mobynit.core import labels as label
 from mobynit.core.model import Container, Decision, Extension, KernelModules, Layer
 
 HOSTAPP_OVERLAY2 = "/mnt/sysroot/active/balena/overlay2"
@@ -86,9 +87,9 @@ def hostapp(*, nlayers: int = 3, overlay2: str = HOSTAPP_OVERLAY2, name: str = "
 
 def ext_labels(override: int | str | None = None, **extra: str) -> dict[str, str]:
     """Labels of an extension; `override` sets io.balena.image.override."""
-    labels = {policy.LABEL_CLASS: "overlay"}
+    labels = {label.CLASS: "overlay"}
     if override is not None:
-        labels[policy.LABEL_OVERRIDE] = str(override)
+        labels[label.OVERRIDE] = str(override)
     labels.update(extra)
     return labels
 

@@ -12,8 +12,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mobynit.core import compat
+from mobynit.core.labels import OS_VERSION
 from mobynit.core.compat import (
-    LABEL_OS_VERSION,
     architecture,
     glob_match,
     os_version_verdict,
@@ -280,15 +280,15 @@ def test_host_architecture_is_systemds_name() -> None:
     ],
 )
 def test_os_version(label: str | None, version: str | None, compatible: bool) -> None:
-    labels = {} if label is None else {LABEL_OS_VERSION: label, "other": "x"}
+    labels = {} if label is None else {OS_VERSION: label, "other": "x"}
     verdict = os_version_verdict(labels, version)
     assert (verdict is None) == compatible, verdict
     if verdict is not None:
-        assert LABEL_OS_VERSION in verdict and "\n" not in verdict
+        assert OS_VERSION in verdict and "\n" not in verdict
 
 
 def test_os_version_reason_escapes_the_label() -> None:
-    verdict = os_version_verdict({LABEL_OS_VERSION: "6.*\n\x1b[31mmobynit: all good"}, "7.0.0")
+    verdict = os_version_verdict({OS_VERSION: "6.*\n\x1b[31mmobynit: all good"}, "7.0.0")
     assert verdict is not None and verdict.isprintable()
     assert "\\x0a" in verdict and "\\x1b" in verdict
 

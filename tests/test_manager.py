@@ -14,9 +14,10 @@ import pytest
 
 from mobynit.runtime import manager
 from mobynit.core.errors import MobynitError
-from mobynit.runtime.manager import Candidate, EngineAPIError, EngineClient, System
+from mobynit.runtime.engine import EngineAPIError, EngineClient
+from mobynit.runtime.manager import Candidate, System
 from mobynit.core.model import KernelModules
-from mobynit.runtime.cli import RuntimeFailure
+from mobynit.runtime import RuntimeFailure
 
 SYSTEM = System(kernel_release="6.1.0-9-amd64", abi_token=None, os_version="2.119.3")
 

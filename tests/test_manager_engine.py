@@ -23,7 +23,7 @@ import pytest
 from harness.device import set_state
 from harness.engine import Engine, EngineError
 from harness.rootfs import File
-from mobynit.runtime import cli as runtime
+from mobynit.runtime import cli
 
 pytestmark = pytest.mark.engine
 
@@ -94,7 +94,7 @@ def device(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
     tmp = tmp_path_factory.mktemp("manager-engine")
     data = tmp / "data"
     wrapper = tmp / "extension-runtime"
-    wrapper.write_text(f'#!/bin/sh\nexport {runtime.ENGINE_ROOT_ENV}="{data}"\nexec "{RUNTIME}" "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nexport {cli.ENGINE_ROOT_ENV}="{data}"\nexec "{RUNTIME}" "$@"\n')
     wrapper.chmod(0o755)
     engine = Engine(data, ["--add-runtime", f"extension={wrapper}"])
     d = Device(engine, tmp)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from builders import extension, modules
 from mobynit.core import policy
+from mobynit.core import labels as label
 from mobynit.core.model import NORMAL, OVERRIDE, KernelModules
 
 PROPS = settings(max_examples=200, deadline=None)
@@ -25,26 +26,26 @@ ABI = hashlib.sha256(SYMVERS).hexdigest()
 @pytest.mark.parametrize(
     ("labels", "expected"),
     [
-        ({policy.LABEL_CLASS: "overlay"}, True),
-        ({policy.LABEL_CLASS: "overlay", "other": "x"}, True),
-        ({policy.LABEL_LEGACY: "1"}, True),
-        ({policy.LABEL_LEGACY: "true"}, True),
-        ({policy.LABEL_LEGACY: "True"}, True),
-        ({policy.LABEL_LEGACY: "0"}, False),
-        ({policy.LABEL_LEGACY: "false"}, False),
-        ({policy.LABEL_LEGACY: ""}, False),
-        ({policy.LABEL_LEGACY: "yes-please"}, False),
+        ({label.CLASS: "overlay"}, True),
+        ({label.CLASS: "overlay", "other": "x"}, True),
+        ({label.LEGACY: "1"}, True),
+        ({label.LEGACY: "true"}, True),
+        ({label.LEGACY: "True"}, True),
+        ({label.LEGACY: "0"}, False),
+        ({label.LEGACY: "false"}, False),
+        ({label.LEGACY: ""}, False),
+        ({label.LEGACY: "yes-please"}, False),
         ({}, False),
         ({"io.balena.image.class": "service"}, False),
         ({"io.balena.image.class": "Overlay"}, False),
         ({"io.balena.image.class": "overlay2"}, False),
         ({"io.balena.image.class": ""}, False),
-        ({"io.balena.image.class": "service", policy.LABEL_LEGACY: "1"}, True),
+        ({"io.balena.image.class": "service", label.LEGACY: "1"}, True),
         ({"com.example.io.balena.image.class": "overlay"}, False),
     ],
 )
 def test_is_extension(labels: dict[str, str], expected: bool) -> None:
-    assert policy.is_extension(labels) is expected
+    assert label.is_extension(labels) is expected
 
 
 # -- kernel_verdict: reference §1 step 3 -----------------------------------------------
@@ -56,25 +57,25 @@ def test_kernel_version_label_absent_passes() -> None:
 
 @pytest.mark.parametrize("release", ["6.1.0-13-cloud-amd64", "6.1.0", "6.1.0-rt5-x"])
 def test_kernel_version_matches_release_cut_at_first_dash(release: str) -> None:
-    assert policy.kernel_verdict({policy.LABEL_KERNEL_VERSION: "6.1.0"}, None, release, None) is None
+    assert policy.kernel_verdict({label.KERNEL_VERSION: "6.1.0"}, None, release, None) is None
 
 
 @pytest.mark.parametrize("wanted", ["6.1.1", "6.1", "6.1.0-13", "6.1.0-13-cloud-amd64", "", " 6.1.0", "6.1.0 "])
 def test_kernel_version_mismatch_is_dropped(wanted: str) -> None:
-    reason = policy.kernel_verdict({policy.LABEL_KERNEL_VERSION: wanted}, None, RELEASE, None)
+    reason = policy.kernel_verdict({label.KERNEL_VERSION: wanted}, None, RELEASE, None)
     assert reason is not None
     assert "6.1.0" in reason
 
 
 def test_kernel_version_reason_is_safe_to_print() -> None:
-    reason = policy.kernel_verdict({policy.LABEL_KERNEL_VERSION: "6.1\n\x1b[2Jevil" + "9" * 500}, None, RELEASE, None)
+    reason = policy.kernel_verdict({label.KERNEL_VERSION: "6.1\n\x1b[2Jevil" + "9" * 500}, None, RELEASE, None)
     assert reason is not None
     assert reason.isprintable()
     assert len(reason) < 200
 
 
 def test_no_modules_passes_even_with_abi_label_and_token() -> None:
-    labels = {policy.LABEL_KERNEL_ABI: "f" * 64}
+    labels = {label.KERNEL_ABI: "f" * 64}
     assert policy.kernel_verdict(labels, None, RELEASE, "0" * 64) is None
 
 
@@ -90,13 +91,13 @@ def test_modules_with_symvers_and_nothing_to_compare_pass() -> None:
 
 
 def test_abi_label_agreeing_with_computed_passes() -> None:
-    assert policy.kernel_verdict({policy.LABEL_KERNEL_ABI: ABI}, modules(RELEASE, SYMVERS), RELEASE, ABI) is None
+    assert policy.kernel_verdict({label.KERNEL_ABI: ABI}, modules(RELEASE, SYMVERS), RELEASE, ABI) is None
 
 
 def test_abi_label_disagreeing_with_computed_is_dropped() -> None:
-    reason = policy.kernel_verdict({policy.LABEL_KERNEL_ABI: "0" * 64}, modules(RELEASE, SYMVERS), RELEASE, None)
+    reason = policy.kernel_verdict({label.KERNEL_ABI: "0" * 64}, modules(RELEASE, SYMVERS), RELEASE, None)
     assert reason is not None
-    assert policy.LABEL_KERNEL_ABI in reason and ABI in reason
+    assert label.KERNEL_ABI in reason and ABI in reason
 
 
 def test_cmdline_abi_agreeing_with_computed_passes() -> None:
@@ -112,12 +113,12 @@ def test_cmdline_abi_disagreeing_with_computed_is_dropped() -> None:
 def test_label_checked_before_cmdline() -> None:
     """Label and command line both agree with each other but not with the file: dropped."""
     wrong = "2" * 64
-    reason = policy.kernel_verdict({policy.LABEL_KERNEL_ABI: wrong}, modules(RELEASE, SYMVERS), RELEASE, wrong)
-    assert reason is not None and policy.LABEL_KERNEL_ABI in reason
+    reason = policy.kernel_verdict({label.KERNEL_ABI: wrong}, modules(RELEASE, SYMVERS), RELEASE, wrong)
+    assert reason is not None and label.KERNEL_ABI in reason
 
 
 def test_version_checked_even_with_matching_abi() -> None:
-    labels = {policy.LABEL_KERNEL_VERSION: "5.15.0", policy.LABEL_KERNEL_ABI: ABI}
+    labels = {label.KERNEL_VERSION: "5.15.0", label.KERNEL_ABI: ABI}
     assert policy.kernel_verdict(labels, modules(RELEASE, SYMVERS), RELEASE, ABI) is not None
 
 
@@ -126,15 +127,15 @@ def test_version_checked_even_with_matching_abi() -> None:
 
 @pytest.mark.parametrize(("raw", "priority"), [("0", 0), ("7", 7), ("-3", -3), ("+4", 4), ("0010", 10), ("999999999999999999", 10**18 - 1)])
 def test_integer_override(raw: str, priority: int) -> None:
-    assert policy.placement({policy.LABEL_OVERRIDE: raw}) == (OVERRIDE, priority, None)
+    assert policy.placement({label.OVERRIDE: raw}) == (OVERRIDE, priority, None)
 
 
 @pytest.mark.parametrize("raw", ["high", "1_0", " 3", "3 ", "٣", "1.5", "", "-", "+", "0x10", "1e3", "１", "\n1"])
 def test_non_integer_override_is_unranked_with_a_warning(raw: str) -> None:
-    position, priority, warning = policy.placement({policy.LABEL_OVERRIDE: raw})
+    position, priority, warning = policy.placement({label.OVERRIDE: raw})
     assert position == OVERRIDE
     assert priority is None
-    assert warning is not None and policy.LABEL_OVERRIDE in warning
+    assert warning is not None and label.OVERRIDE in warning
     assert warning.isprintable()
 
 
@@ -199,7 +200,7 @@ def test_faulty_extension_is_excluded_with_its_fault() -> None:
 
 
 def test_kernel_mismatch_is_excluded_with_reason() -> None:
-    ext = extension("k", labels={policy.LABEL_KERNEL_VERSION: "5.10.0"})
+    ext = extension("k", labels={label.KERNEL_VERSION: "5.10.0"})
     (d,) = policy.select([ext], RELEASE, None)
     assert not d.included and "5.10.0" in (d.reason or "")
 
@@ -244,7 +245,7 @@ def extension_sets(draw: st.DrawFn) -> list:
         elif cond == "fault":
             kw["fault"] = f"containers/{cid}/config.v2.json: malformed"
         elif cond == "kernel":
-            kw["labels"] = {policy.LABEL_KERNEL_VERSION: "4.19.0"}
+            kw["labels"] = {label.KERNEL_VERSION: "4.19.0"}
         elif cond == "nosymvers":
             kw["modules"] = KernelModules(release=RELEASE, symvers_sha256=None)
         elif cond == "abi":
@@ -297,7 +298,7 @@ def test_each_exclusion_names_its_cause(exts: list) -> None:
         c = ext.container
         if c.state is not None:
             assert d.reason is not None and c.state in d.reason
-        elif c.labels.get(policy.LABEL_KERNEL_VERSION, "6.1.0") != "6.1.0":
+        elif c.labels.get(label.KERNEL_VERSION, "6.1.0") != "6.1.0":
             assert d.reason is not None and "kernel" in d.reason
         elif ext.modules is not None and ext.modules.symvers_sha256 is None:
             assert d.reason is not None and "Module.symvers" in d.reason
@@ -312,7 +313,7 @@ def test_each_exclusion_names_its_cause(exts: list) -> None:
 def test_placement_takes_plain_decimal_integers_only(raw: str) -> None:
     import re
 
-    position, priority, warning = policy.placement({policy.LABEL_OVERRIDE: raw})
+    position, priority, warning = policy.placement({label.OVERRIDE: raw})
     assert position == OVERRIDE
     if re.fullmatch(r"[+-]?[0-9]{1,18}", raw, flags=re.ASCII):
         assert (priority, warning) == (int(raw), None)
@@ -369,11 +370,11 @@ def test_os_version_match_is_silent() -> None:
 def test_warnings_accumulate() -> None:
     d = _one(extension("e", override="high", labels={OS_LABEL: "5.*"}), _host())
     assert d.included and d.priority is None
-    assert policy.LABEL_OVERRIDE in (d.warning or "") and OS_LABEL in (d.warning or "")
+    assert label.OVERRIDE in (d.warning or "") and OS_LABEL in (d.warning or "")
 
 
 def test_kernel_verdict_comes_before_the_release_file() -> None:
-    ext = extension("e", labels={policy.LABEL_KERNEL_VERSION: "5.10.0"}, release={"ID": "debian"})
+    ext = extension("e", labels={label.KERNEL_VERSION: "5.10.0"}, release={"ID": "debian"})
     d = _one(ext, _host())
     assert not d.included and "5.10.0" in (d.reason or "") and "extension-release" not in (d.reason or "")
 

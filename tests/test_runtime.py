@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from mobynit.runtime import cli as runtime
-from mobynit.runtime.cli import RuntimeFailure, UsageError
+from mobynit.core import fileio
+from mobynit.core.errors import StoreError, UsageError
+from mobynit.runtime import OCI_VERSION, RuntimeFailure, cli, commands, hooks, proxy, spec
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -78,7 +79,7 @@ class Rt:
         self.root = tmp / "state"
         self.log = tmp / "log.json"
         self.engine_root = tmp / "engine"
-        self.env = dict(os.environ, **{runtime.ENGINE_ROOT_ENV: str(self.engine_root)})
+        self.env = dict(os.environ, **{cli.ENGINE_ROOT_ENV: str(self.engine_root)})
 
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "mobynit.runtime.cli", "--root", str(self.root), "--log", str(self.log),
@@ -425,12 +426,12 @@ def test_hooks_get_a_clean_environment(rt: Rt, tmp_path: Path) -> None:
 
 
 def test_env_name_rules() -> None:
-    env = runtime.hook_env("/r", {"io.balena.image.kernel-abi-id": "1", "io.balena.image.x.y": "2",
+    env = hooks.hook_env("/r", {"io.balena.image.kernel-abi-id": "1", "io.balena.image.x.y": "2",
                                   "io.balena.image.": "skip", "io.balena.service-name": "no"},
                            {"/data/my-vol": "/v", "/": "/root-skip"})
-    assert env == {"PATH": runtime.HOOK_PATH, "EXTENSION_ROOTFS": "/r", "EXTENSION_IMAGE_KERNEL_ABI_ID": "1",
+    assert env == {"PATH": hooks.HOOK_PATH, "EXTENSION_ROOTFS": "/r", "EXTENSION_IMAGE_KERNEL_ABI_ID": "1",
                    "EXTENSION_IMAGE_X_Y": "2", "EXTENSION_VOLUME_DATA_MY_VOL": "/v"}
-    assert runtime.hook_env(None, {}, {}) == {"PATH": runtime.HOOK_PATH}
+    assert hooks.hook_env(None, {}, {}) == {"PATH": hooks.HOOK_PATH}
 
 
 def test_missing_hooks_are_skipped(rt: Rt, tmp_path: Path) -> None:
@@ -496,13 +497,13 @@ def test_a_hook_that_hangs_is_killed_with_its_children(rt: Rt, tmp_path: Path) -
     b = Bundle(tmp_path)
     marker = tmp_path / "grandchild"
     b.set_hook("create", hook(f'sh -c \'echo $$ > "{marker}"; exec sleep 600\' & wait'))
-    env = dict(rt.env, **{runtime.HOOK_TIMEOUT_ENV: "1"})
+    env = dict(rt.env, **{hooks.HOOK_TIMEOUT_ENV: "1"})
     msg = rt.fail("create", "--bundle", str(b.path), "--pid-file", str(tmp_path / "pid"), "ext1", env=env)
     assert f"hook {b.rootfs}/hooks/create did not finish within 1 s and was killed" in msg
     grandchild = int(marker.read_text())
-    assert runtime.proc_stat(grandchild) is None or runtime.proc_stat(grandchild)[0] == "Z"
+    assert proxy.proc_stat(grandchild) is None or proxy.proc_stat(grandchild)[0] == "Z"
     assert leftovers(rt) == []
-    bad = dict(rt.env, **{runtime.HOOK_TIMEOUT_ENV: "soon"})
+    bad = dict(rt.env, **{hooks.HOOK_TIMEOUT_ENV: "soon"})
     assert "MOBYNIT_RUNTIME_HOOK_TIMEOUT=soon is not a positive number" in rt.fail(
         "create", "--bundle", str(b.path), "--pid-file", str(tmp_path / "pid"), "ext1", env=bad)
 
@@ -512,15 +513,15 @@ def test_a_hook_that_hangs_is_killed_with_its_children(rt: Rt, tmp_path: Path) -
 
 def test_write_atomic_keeps_the_old_file_when_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "state.json"
-    runtime.write_atomic(str(path), b"old\n")
+    fileio.write_atomic(str(path), b"old\n")
     assert path.read_bytes() == b"old\n" and os.listdir(tmp_path) == ["state.json"]
 
     def crash(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", crash)
-    with pytest.raises(OSError):
-        runtime.write_atomic(str(path), b"new\n")
+    with pytest.raises(StoreError, match="No space left on device"):
+        fileio.write_atomic(str(path), b"new\n")
     assert path.read_bytes() == b"old\n" and os.listdir(tmp_path) == ["state.json"]
 
 
@@ -613,20 +614,20 @@ def test_runc_flag_spellings_and_version(rt: Rt, tmp_path: Path) -> None:
     out = run_files([sys.executable, "-m", "mobynit.runtime.cli", "--version"]).stdout
     assert out.startswith("mobynit-runtime version ") and "spec: 1.0.2" in out
     features = json.loads(rt("features").stdout)
-    assert features["ociVersionMax"] == runtime.OCI_VERSION
+    assert features["ociVersionMax"] == OCI_VERSION
 
 
 def test_parse_signal() -> None:
-    assert runtime.parse_signal("9") == signal.SIGKILL
-    assert runtime.parse_signal("term") == signal.SIGTERM
-    assert runtime.parse_signal("SIGUSR1") == signal.SIGUSR1
+    assert commands.parse_signal("9") == signal.SIGKILL
+    assert commands.parse_signal("term") == signal.SIGTERM
+    assert commands.parse_signal("SIGUSR1") == signal.SIGUSR1
     for bad in ("0", "999", "SIG", "Signals", "-1", "KILL9"):
         with pytest.raises(UsageError):
-            runtime.parse_signal(bad)
+            commands.parse_signal(bad)
 
 
 def test_spec_volumes_rejects_malformed_mounts(tmp_path: Path) -> None:
     with pytest.raises(RuntimeFailure, match="mounts is not a list"):
-        runtime.spec_volumes({"mounts": {}}, "cfg")
+        spec.spec_volumes({"mounts": {}}, "cfg")
     with pytest.raises(RuntimeFailure, match="has no destination or source"):
-        runtime.spec_volumes({"mounts": [{"destination": "/x", "type": "bind"}]}, "cfg")
+        spec.spec_volumes({"mounts": [{"destination": "/x", "type": "bind"}]}, "cfg")

@@ -19,7 +19,7 @@ import pytest
 from harness.device import build_device
 from harness.engine import Engine
 from harness.rootfs import File
-from mobynit.runtime import cli as runtime
+from mobynit.runtime import cli
 from qemu import devices, disk, runner
 from tests import boot_kit
 
@@ -37,7 +37,7 @@ def test_an_extension_installed_by_the_runtime_is_in_the_booted_root(tmp_path: P
     dev = build_device(tmp_path / "device", devices.probe_hostapp())
     store = dev.data / "docker"
     wrapper = tmp_path / "extension-runtime"
-    wrapper.write_text(f'#!/bin/sh\nexport {runtime.ENGINE_ROOT_ENV}="{store}"\nexec "{RUNTIME}" "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nexport {cli.ENGINE_ROOT_ENV}="{store}"\nexec "{RUNTIME}" "$@"\n')
     wrapper.chmod(0o755)
     evidence = tmp_path / "evidence"
     evidence.mkdir()

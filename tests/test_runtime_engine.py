@@ -20,7 +20,7 @@ import pytest
 
 from harness.engine import Engine, EngineError
 from harness.rootfs import File
-from mobynit.runtime import cli as runtime
+from mobynit.runtime import cli
 
 pytestmark = pytest.mark.engine
 
@@ -66,7 +66,7 @@ def wrapper(path: Path, calls: Path, engine_root: Path) -> None:
     path.write_text(
         "#!/bin/sh\n"
         f'printf "%s\\n" "$*" >> "{calls}"\n'
-        f'export {runtime.ENGINE_ROOT_ENV}="{engine_root}"\n'
+        f'export {cli.ENGINE_ROOT_ENV}="{engine_root}"\n'
         f'exec "{RUNTIME}" "$@"\n'
     )
     path.chmod(0o755)

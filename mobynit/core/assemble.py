@@ -13,6 +13,7 @@ import time
 
 from mobynit import DEFAULT_RECORD, DEFAULT_TARGET, DEFAULT_WORKDIR  # noqa: F401 (re-exported for boot)
 from mobynit.core import plan as planner
+from mobynit.core import labels as label
 from mobynit.core import policy
 from mobynit.core.cmdline import Cmdline
 from mobynit.core.errors import HostappError, MountError, StoreError, shown
@@ -81,7 +82,7 @@ def find_extensions(where: Layout, cmdline: Cmdline, kernel_release: str) -> tup
         return [], None, f"data partition not found at {where.data}: hostapp only"
     if where.purge_marker and not os.path.lexists(where.purge_marker):
         return [], None, f"{where.purge_marker} is missing (a data reset is pending): extensions not overlaid"
-    return Store(where.data_store).scan(policy.is_extension, kernel_release), None, None
+    return Store(where.data_store).scan(label.is_extension, kernel_release), None, None
 
 
 class Selection(Record):

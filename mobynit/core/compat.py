@@ -16,13 +16,13 @@ Nothing here reads the disk, and nothing here imports `re`, `fnmatch` or
 
 from __future__ import annotations
 
+from mobynit.core import labels as label
 from mobynit.core.errors import shown
 
 TYPE_CHECKING = False  # `import typing` costs ~10 ms at boot
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-LABEL_OS_VERSION = "io.balena.image.os-version"
 RELEASE_DIR = "usr/lib/extension-release.d"
 ANY = "_any"
 SCOPE = "system"  # the root mobynit assembles is the system, not a portable service or the initrd
@@ -269,12 +269,12 @@ def os_version_verdict(labels: Mapping[str, str], version_id: str | None) -> str
     A label that names no pattern, or a hostapp without a VERSION_ID, fails:
     a constraint that cannot be checked is not met.
     """
-    label = labels.get(LABEL_OS_VERSION)
-    if label is None:
+    value = labels.get(label.OS_VERSION)
+    if value is None:
         return None
-    patterns = [p.strip(_BLANK) for p in label.split(",")]
+    patterns = [p.strip(_BLANK) for p in value.split(",")]
     patterns = [p for p in patterns if p]
-    said = f"{LABEL_OS_VERSION}={shown(label, 60)}"
+    said = f"{label.OS_VERSION}={shown(value, 60)}"
     if not patterns:
         return f"{said} names no OS version"
     if not version_id:

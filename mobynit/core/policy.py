@@ -9,6 +9,7 @@ decides, and sorts the decisions into the order the mount stacks them.
 from __future__ import annotations
 
 from mobynit.core import compat
+from mobynit.core import labels as label
 from mobynit.core.errors import shown
 from mobynit.core.model import NORMAL, OVERRIDE, Decision, Record
 
@@ -18,11 +19,6 @@ if TYPE_CHECKING:
 
     from mobynit.core.model import Extension, KernelModules
 
-LABEL_CLASS = "io.balena.image.class"
-LABEL_LEGACY = "io.balena.features.host-extension"  # seed 000, 2020
-LABEL_KERNEL_VERSION = "io.balena.image.kernel-version"
-LABEL_KERNEL_ABI = "io.balena.image.kernel-abi-id"
-LABEL_OVERRIDE = "io.balena.image.override"
 CMDLINE_ABI = "balena_kernel_abi"
 CMDLINE_STRICT_OS_VERSION = "mobynit.strict_os_version"
 
@@ -38,13 +34,6 @@ class Host(Record):
     strict_os_version: bool
 
 
-def is_extension(labels: Mapping[str, str]) -> bool:
-    """Labelled as an overlay extension, by the current or the original label."""
-    if labels.get(LABEL_CLASS) == "overlay":
-        return True
-    return labels.get(LABEL_LEGACY, "").strip().lower() in ("1", "true")
-
-
 def kernel_verdict(
     labels: Mapping[str, str], modules: KernelModules | None, kernel_release: str, abi_token: str | None
 ) -> str | None:
@@ -57,7 +46,7 @@ def kernel_verdict(
     `balena_kernel_abi=` on the command line when it is given. Modules for
     other releases are never loaded, so they cannot hurt and do not count.
     """
-    wanted = labels.get(LABEL_KERNEL_VERSION)
+    wanted = labels.get(label.KERNEL_VERSION)
     running = kernel_release.partition("-")[0]
     if wanted is not None and wanted != running:
         return f"built for kernel {shown(wanted, 40)}, running kernel is {running}"
@@ -66,9 +55,9 @@ def kernel_verdict(
     if modules.symvers_sha256 is None:
         return f"ships modules for {modules.release} without a Module.symvers"
     computed = modules.symvers_sha256
-    label = labels.get(LABEL_KERNEL_ABI)
-    if label is not None and label != computed:
-        return f"label {LABEL_KERNEL_ABI}={shown(label, 70)} disagrees with its Module.symvers (sha256 {computed})"
+    claimed = labels.get(label.KERNEL_ABI)
+    if claimed is not None and claimed != computed:
+        return f"label {label.KERNEL_ABI}={shown(claimed, 70)} disagrees with its Module.symvers (sha256 {computed})"
     if abi_token is not None and abi_token != computed:
         return f"kernel ABI {computed} does not match the running kernel's {CMDLINE_ABI}={shown(abi_token, 70)}"
     return None
@@ -84,12 +73,12 @@ def _integer(text: str) -> int | None:
 
 def placement(labels: Mapping[str, str]) -> tuple[str, int | None, str | None]:
     """(position, priority, warning): overrides sit left of the hostapp, others right."""
-    raw = labels.get(LABEL_OVERRIDE)
+    raw = labels.get(label.OVERRIDE)
     if raw is None:
         return NORMAL, None, None
     priority = _integer(raw)
     if priority is None:
-        return OVERRIDE, None, f"{LABEL_OVERRIDE}={shown(raw, 40)} is not an integer; sorted after the other overrides"
+        return OVERRIDE, None, f"{label.OVERRIDE}={shown(raw, 40)} is not an integer; sorted after the other overrides"
     return OVERRIDE, priority, None
 
 

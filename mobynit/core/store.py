@@ -15,6 +15,7 @@ from mobynit.core import jsonio
 import os
 import stat
 
+from mobynit.core import labels as label
 from mobynit.core.errors import StoreError
 from mobynit.core.errors import shown as printable
 from mobynit.core.model import Container, Extension, KernelModules, Layer
@@ -32,11 +33,6 @@ CONFIG_LIMIT = 4 << 20  # a config.v2.json is a few KiB; refuse to slurp a plant
 SMALL_LIMIT = 4096  # mount-id, lower
 SYMVERS_LIMIT = 64 << 20
 
-# Cheap byte-level test before parsing a container's JSON: the engine writes
-# label keys verbatim, so a config without these bytes is not an extension.
-# A config mangled past recognition (no label key left in it) cannot be told
-# from an application's and is passed over like one.
-EXTENSION_MARKERS = (b"io.balena.image.class", b"io.balena.features.host-extension")
 
 _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -275,7 +271,7 @@ class Store:
                 raw = read_file(f"{name}/config.v2.json", CONFIG_LIMIT, dir_fd=fd, display=f"{self.containers}/{name}/config.v2.json")
             except StoreError as e:
                 return Extension(id=name, name=_short(name), container=None, modules=None, fault=str(e))
-            if EXTENSION_MARKERS[0] not in raw and EXTENSION_MARKERS[1] not in raw:
+            if label.MARKERS[0] not in raw and label.MARKERS[1] not in raw:  # plainly not an extension
                 return None
         shown = f"{self.containers}/{printable(name)}"  # a planted name must not forge console lines
         short = _short(name)

@@ -23,127 +23,25 @@ every request has a time limit.
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
-import socket
 import sys
-import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 
 from mobynit.core import cmdline
 from mobynit.core import compat
+from mobynit.core import labels as label
 from mobynit.core import policy
 from mobynit.core import store
 from mobynit.core.errors import MobynitError, shown
-from mobynit.runtime.cli import RuntimeFailure, hook_env, run_hook
+from mobynit.runtime import RuntimeFailure
+from mobynit.runtime.engine import DEFAULT_HOST, EngineAPIError, EngineClient
+from mobynit.runtime.hooks import hook_env, run_hook
 
 PROG = "mobynit-extension-manager"
-DEFAULT_HOST = "unix:///var/run/docker.sock"
 DEACTIVATE = "deactivate"
-
-
-class EngineAPIError(MobynitError):
-    """The engine did not answer, or answered something unusable."""
-
-
-# --- the engine API ---------------------------------------------------------------
-
-
-class UnixConnection(http.client.HTTPConnection):
-    """HTTP to the engine's API socket (also used by the test harness)."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self.unix_path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-@attrs.frozen
-class EngineClient:
-    """The engine's HTTP API on a unix socket; `timeout` bounds each socket
-    operation of a request (connect, send, every read)."""
-
-    socket_path: str
-    timeout: float = 30.0
-
-    @classmethod
-    def from_host(cls, host: str, timeout: float) -> EngineClient:
-        if not host.startswith("unix://"):
-            raise MobynitError(f"engine address {shown(host)!r} is not unix:///path (only local sockets are supported)")
-        return cls(host.removeprefix("unix://"), timeout)
-
-    def request(self, method: str, path: str) -> tuple[int, object]:
-        """(status, decoded JSON body or None)."""
-        where = f"{method} {path} on {self.socket_path}"
-        conn = UnixConnection(self.socket_path, self.timeout)
-        try:
-            conn.request(method, path)
-            resp = conn.getresponse()
-            data = resp.read()
-        except TimeoutError:
-            raise EngineAPIError(f"{where}: no answer within {self.timeout:g} s") from None
-        except FileNotFoundError:
-            raise EngineAPIError(f"{where}: no such socket; is the engine running?") from None
-        except (OSError, http.client.HTTPException) as e:
-            raise EngineAPIError(f"{where}: {e}") from None
-        finally:
-            conn.close()
-        if not data.strip():
-            return resp.status, None
-        try:
-            return resp.status, json.loads(data)
-        except ValueError:
-            if resp.status >= 400:
-                return resp.status, data.decode(errors="replace").strip()
-            raise EngineAPIError(f"{where}: answered {resp.status} with a body that is not JSON") from None
-
-    def get(self, path: str) -> object:
-        status, body = self.request("GET", path)
-        if status != 200:
-            raise EngineAPIError(f"GET {path}: engine answered {status}: {_message(body)}")
-        return body
-
-    def containers(self) -> list[dict]:
-        body = self.get("/containers/json?all=1")
-        if not isinstance(body, list) or not all(isinstance(c, dict) for c in body):
-            raise EngineAPIError("GET /containers/json: the answer is not a list of containers")
-        return body
-
-    def inspect(self, cid: str) -> dict | None:
-        """The container's details, None if it went away meanwhile."""
-        path = f"/containers/{urllib.parse.quote(cid)}/json"
-        status, body = self.request("GET", path)
-        if status == 404:
-            return None
-        if status != 200 or not isinstance(body, dict):
-            raise EngineAPIError(f"GET {path}: engine answered {status}: {_message(body)}")
-        return body
-
-    def remove(self, cid: str) -> None:
-        """Remove the container (forced: an extension never runs anything worth stopping
-        gracefully); its named volumes stay. Gone already counts as removed."""
-        path = f"/containers/{urllib.parse.quote(cid)}?force=1"
-        status, body = self.request("DELETE", path)
-        if status not in (204, 200, 404):
-            raise EngineAPIError(f"DELETE {path}: engine answered {status}: {_message(body)}")
-
-
-def _message(body: object) -> str:
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return shown(body["message"], 300)
-    return shown(body, 300)
 
 
 # --- what the manager looks at -------------------------------------------------------
@@ -273,7 +171,7 @@ def cleanup(
     failures: list[str] = []
     for summary in client.containers():
         labels = summary.get("Labels") or {}
-        if not isinstance(labels, dict) or not policy.is_extension(labels):
+        if not isinstance(labels, dict) or not label.is_extension(labels):
             continue
         doc = client.inspect(str(summary.get("Id", "")))
         if doc is None:

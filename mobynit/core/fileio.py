@@ -1,0 +1,147 @@
+"""The one way mobynit reads and writes files it does not fully control.
+
+Reading: a regular file only, opened with O_NOFOLLOW (a final symlink is
+refused) and O_NONBLOCK (a FIFO planted where a file belongs is refused, not
+waited on), at most `limit` bytes. Directories on the way are checked with
+lstat, so a symlink in a store never leads outside it.
+
+Writing: `write_atomic` writes a sibling temporary file (O_EXCL|O_NOFOLLOW,
+so nothing planted at its name is followed or reused), fsyncs it, renames it
+over the target and fsyncs the directory: after a power cut the file holds
+the old bytes or the new ones, never a mix, and a failed write leaves no
+temporary file behind.
+
+Every failure raises StoreError with a sentence naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from mobynit.core.errors import StoreError
+
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_O_TEMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | None = None) -> bytes:
+    """A regular file's bytes; never follows a final symlink, never blocks on a FIFO."""
+    shown = display or path
+    try:
+        fd = os.open(path, _O_READ, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise StoreError(f"{shown}: missing") from None
+    except OSError as e:
+        raise StoreError(f"{shown}: cannot open: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreError(f"{shown}: not a regular file")
+        if st.st_size > limit:
+            raise StoreError(f"{shown}: {st.st_size} bytes, more than the {limit} expected")
+        data = os.read(fd, st.st_size + 1)
+        if len(data) == st.st_size:
+            return data  # the common case: one read
+        chunks = [data]
+        total = len(data)
+        while chunk := os.read(fd, limit + 1 - total):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise StoreError(f"{shown}: more than the {limit} bytes expected")
+        return b"".join(chunks)
+    except OSError as e:
+        raise StoreError(f"{shown}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def read_text(path: str, limit: int) -> str:
+    """A small ASCII file's content, stripped."""
+    try:
+        return read_file(path, limit).decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise StoreError(f"{path}: not ASCII text") from None
+
+
+def require_dir(path: str) -> None:
+    """A real directory: not missing, not a symlink, not anything else."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: missing") from None
+    except OSError as e:
+        raise StoreError(f"{path}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise StoreError(f"{path}: is a symlink, not followed")
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"{path}: not a directory")
+
+
+def readlink(path: str, when_missing: str) -> str:
+    """A symlink's target, never followed; StoreError saying what is wrong otherwise."""
+    try:
+        return os.readlink(path)
+    except FileNotFoundError:
+        raise StoreError(f"{path}: {when_missing}") from None
+    except OSError as e:
+        raise StoreError(f"{path}: not a symlink ({e.strerror})") from None
+
+
+def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data`, durably: temporary sibling, fsync, rename, fsync of the directory."""
+    directory = os.path.dirname(path) or "."
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, _O_TEMP, mode)
+    except FileExistsError:
+        # A dead process's leftover with our pid (pids are reused): ours to replace, never to follow.
+        _unlink(tmp)
+        fd = _open_temp(tmp, mode)
+    except OSError as e:
+        raise StoreError(f"{tmp}: cannot create: {e.strerror}") from None
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, path)
+    except OSError as e:
+        if fd >= 0:
+            os.close(fd)
+        _unlink(tmp)
+        raise StoreError(f"{path}: cannot write: {e.strerror}") from None
+    fsync_dir(directory)
+
+
+def _open_temp(tmp: str, mode: int) -> int:
+    try:
+        return os.open(tmp, _O_TEMP, mode)
+    except OSError as e:
+        raise StoreError(f"{tmp}: cannot create: {e.strerror}") from None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StoreError(f"{path}: cannot remove: {e.strerror}") from None
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or unlink in `path` durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot open the directory: {e.strerror}") from None
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise StoreError(f"{path}: cannot sync the directory: {e.strerror}") from None
+    finally:
+        os.close(fd)

@@ -1,0 +1,204 @@
+"""The runtime's commands: create, start, kill, delete, state, features."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Mapping
+
+from mobynit.core import labels as label
+from mobynit.core.errors import MobynitError, UsageError, shown
+from mobynit.core.fileio import write_atomic
+from mobynit.core.model import Record
+from mobynit.runtime import OCI_VERSION, RuntimeFailure
+from mobynit.runtime.hooks import hook_env, run_hook
+from mobynit.runtime.log import Log, rfc3339
+from mobynit.runtime.proxy import spawn_proxy
+from mobynit.runtime.spec import extension_labels, read_json, resolve_rootfs, spec_volumes, string_map
+from mobynit.runtime.state import CREATED, STOPPED, State, StateDir
+
+
+def boot_verdict(labels: Mapping[str, str], rootfs: str) -> str | None:
+    """What the assembler will say at the next boot: why it would skip this extension."""
+    from mobynit.core import cmdline, policy, store
+
+    release = os.uname().release
+    try:
+        token = cmdline.read().get(policy.CMDLINE_ABI)
+    except OSError:
+        token = None
+    try:
+        modules = store.probe_modules([rootfs], release)
+    except MobynitError as e:
+        return str(e)
+    return policy.kernel_verdict(labels, modules, release, token)
+
+
+def index_layers(engine_root: str, cid: str) -> str | None:
+    """Record the extension's layer facts now, so the next boot can mount it in
+    one flat root (see mobynit.core.facts); returns what went wrong, if anything."""
+    from mobynit.core import facts
+    from mobynit.core import store
+
+    if not os.path.isdir(f"{engine_root}/image/overlay2/layerdb/mounts/{cid}"):
+        return None  # not a container of this engine's store (ctr run, another engine): nothing to index
+    try:
+        layers = store.Store(engine_root).layers(cid)
+        facts.index([(layer.id, os.path.dirname(layer.path)) for layer in layers])
+    except MobynitError as e:
+        return f"cannot record its layer facts ({e}); the next boot will nest its layers"
+    except OSError as e:
+        return f"cannot record its layer facts ({e.filename}: {e.strerror}); the next boot will nest its layers"
+    return None
+
+
+class Options(Record):
+    """The global options, as runc takes them."""
+
+    __slots__ = ("root", "log", "engine_root")
+    root: str
+    log: Log
+    engine_root: str
+
+
+def cmd_create(opts: Options, cid: str, bundle: str, pid_file: str, console_socket: str | None) -> None:
+    log = opts.log
+    bundle = os.path.abspath(bundle)
+    config = f"{bundle}/config.json"
+    with StateDir(opts.root, cid) as ctr:
+        if ctr.exists():
+            raise RuntimeFailure(f"container {cid} already exists")
+        spec = read_json(config, "bundle config")
+        rootfs = resolve_rootfs(spec, bundle, config)
+        annotations = string_map(spec.get("annotations"), f"{config}: annotations")
+        labels, source = extension_labels(annotations, opts.engine_root, cid)
+        if not label.is_extension(labels):
+            raise RuntimeFailure(
+                f"container {cid} is not an extension: no {label.CLASS}=overlay (nor the legacy"
+                f" {label.LEGACY}=1) in {source}; run it with another runtime"
+            )
+        volumes = spec_volumes(spec, config)
+        verdict = boot_verdict(labels, rootfs)
+        if verdict is not None:
+            log("warning", f"extension {cid} will be skipped at the next boot: {verdict}")
+        problem = index_layers(opts.engine_root, cid)
+        if problem is not None:
+            log("warning", f"extension {cid}: {problem}")
+        run_hook(f"{rootfs}/hooks/create", hook_env(rootfs, labels, volumes), log, cwd=rootfs)
+        pid, start = spawn_proxy(console_socket)
+        try:
+            state = State(
+                id=cid,
+                status=CREATED,
+                pid=pid,
+                proxy_start=start,
+                bundle=bundle,
+                rootfs=rootfs,
+                created=rfc3339(),
+                labels=labels,
+                volumes=volumes,
+            )
+            ctr.save(state)
+            write_atomic(os.path.abspath(pid_file), f"{pid}".encode())
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            if ctr.exists():
+                ctr.remove()
+            raise
+        log("info", f"created extension {cid} (proxy pid {pid}, labels from {source})")
+
+
+def cmd_start(opts: Options, cid: str) -> None:
+    with StateDir(opts.root, cid) as ctr:
+        state = ctr.load()
+        status = state.current_status()
+        if status != CREATED:
+            raise RuntimeFailure(f"cannot start container {cid}: it is {status}, not created")
+        run_hook(f"{state.rootfs}/hooks/start", state.hook_env(), opts.log, cwd=_cwd(state.rootfs))
+        ctr.save(state.replace(status=STOPPED))
+        _signal_proxy(state, signal.SIGUSR1)
+        opts.log("info", f"started extension {cid}: it is installed and stopped")
+
+
+def cmd_kill(opts: Options, cid: str, sig: int) -> None:
+    with StateDir(opts.root, cid) as ctr:
+        state = ctr.load()
+        if not state.proxy_alive():
+            raise RuntimeFailure(f"cannot kill container {cid}: container not running")
+        _signal_proxy(state, sig)
+        if state.status != STOPPED:
+            ctr.save(state.replace(status=STOPPED))
+        opts.log("info", f"sent {signal.Signals(sig).name} to extension {cid}")
+
+
+def cmd_delete(opts: Options, cid: str, force: bool) -> None:
+    """Refuses a created container unless forced; --force also forgets the
+    container when its delete hook fails (and still reports the failure)."""
+    with StateDir(opts.root, cid) as ctr:
+        if force and not ctr.exists():
+            ctr.remove()
+            return
+        state = ctr.load()
+        status = state.current_status()
+        if status != STOPPED and not force:
+            raise RuntimeFailure(f"cannot delete container {cid}: it is {status} (use --force)")
+        if state.proxy_alive():
+            _signal_proxy(state, signal.SIGKILL)
+        try:
+            run_hook(f"{state.rootfs}/hooks/delete", state.hook_env(), opts.log, cwd=_cwd(state.rootfs))
+        except RuntimeFailure:
+            if force:
+                ctr.remove()
+                opts.log("warning", f"forgot extension {cid} although its delete hook failed")
+            raise
+        ctr.remove()
+        opts.log("info", f"deleted extension {cid}")
+
+
+def _cwd(rootfs: str) -> str:
+    """The hook's working directory: the rootfs, or / once the engine unmounted it."""
+    return rootfs if os.path.isdir(rootfs) else "/"
+
+
+def cmd_state(opts: Options, cid: str) -> None:
+    with StateDir(opts.root, cid) as ctr:
+        state = ctr.load()
+    sys.stdout.write(json.dumps(state.oci(), indent=2) + "\n")
+
+
+def cmd_features(opts: Options) -> None:
+    """What `runc features` reports, as far as it applies: no hooks, no namespaces, nothing to tune."""
+    doc = {
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": OCI_VERSION,
+        "hooks": [],
+        "mountOptions": [],
+        "annotations": {"org.mobynit.runtime.extensions-only": "true"},
+    }
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+
+
+def _signal_proxy(state: State, sig: int) -> None:
+    if not state.proxy_alive():
+        return
+    try:
+        os.kill(state.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def parse_signal(text: str) -> int:
+    """A signal by number, by name, with or without SIG (`9`, `KILL`, `SIGKILL`, `sigterm`)."""
+    if text.isdigit():
+        num = int(text)
+        if num in signal.valid_signals():
+            return num
+    else:
+        name = text.upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal.Signals, name, None) if name.isidentifier() else None
+        if isinstance(sig, signal.Signals):
+            return int(sig)
+    raise UsageError(f"unknown signal {shown(text)!r}")
