@@ -26,7 +26,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from harness import bulk  # noqa: E402
-from harness.device import build_device  # noqa: E402
 from mobynit.core import syscalls  # noqa: E402
 
 PYTHON = "/usr/bin/python3.11"

@@ -110,9 +110,10 @@ def device_disk(path: Path, sysroot: Path, data: Path | None, *, index: bool = F
     if index:
         import os
 
-        from mobynit.core.assemble import index_stores, locate
+        from mobynit.core.assemble import index_stores
+        from mobynit.core.paths import store_paths
 
-        index_stores(locate(str(sysroot), str(data) if data is not None else None), os.uname().release)
+        index_stores(store_paths(str(sysroot), str(data) if data is not None else None), os.uname().release)
     parts = [Partition(ROOT_LABEL, sysroot, uuid=ROOT_UUID)]
     if data is not None:
         parts.append(Partition(DATA_LABEL, data, uuid=DATA_UUID))

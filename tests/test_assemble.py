@@ -131,9 +131,12 @@ def test_plan_is_deterministic(device) -> None:
 
 def test_plan_text_output(device) -> None:
     out = mobynit("plan", *layout_args(device), "--cmdline", "", "--kernel-release", device.kernel_release).stdout
-    assert f"hostapp: hostapp {device.hostapp_id}" in out
-    assert "+ ext-override5" in out and "override 5" in out
-    assert "- ext-dead" in out and "Dead" in out
+    assert f"hostapp hostapp ({device.hostapp_id[:12]}): " in out
+    assert "extension ext-override5: included, override 5" in out
+    assert "extension ext-dead: skipped: container is Dead" in out
+    layout = [line for line in out.splitlines() if line.startswith("layout ")]
+    assert len(layout) == 1 and layout[0].startswith("layout nested (mount), stacking depth 2: ")
+    assert "no layer facts" in layout[0]  # the store was never indexed
     assert "mount -t overlay overlay /sysroot -o ro,lowerdir=" in out
 
 

@@ -279,25 +279,38 @@ def _status(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mobynit", "status", *args], capture_output=True, text=True, cwd=REPO)
 
 
-def test_status_of_a_boot_with_extensions_switched_off(tmp_path):
+def _record(**changes: object) -> dict:
+    """A whole boot record, as boot writes it (docs/plan-json.md), with extensions switched off."""
     record = {
-        "hostapp": {"id": "ab" * 32, "name": "hostapp", "layers": []},
+        "version": 1,
+        "hostapp": {"id": "ab" * 32, "name": "hostapp", "layers": ["/sysroot/balena/overlay2/x/diff"]},
         "extensions": [], "disabled_by": "balena.nohostext",
         "disabled_reason": "extensions disabled by balena.nohostext on the kernel command line",
-        "boot": {"root": {"spec": "LABEL=resin-rootA", "device": "/dev/vda1", "fstype": "ext4"},
-                 "data": {"spec": "LABEL=resin-data", "device": None, "reason": "extensions disabled by balena.nohostext"},
-                 "init": "/sbin/init", "init_start": 1.5, "python_start": 2.0, "handover": 2.25,
+        "kernel_release": "6.1.0", "page_size": 4096, "target": "/newroot", "layout": "flat", "layout_reason": None,
+        "mechanism": "mount", "stacking_depth": 1, "mounts": [], "fallbacks": [], "timings_ms": {"read": 0.5},
+        "attempts": None,
+        "boot": {"root": {"spec": "LABEL=resin-rootA", "device": "/dev/vda1", "fstype": "ext4", "reason": None},
+                 "data": {"spec": "LABEL=resin-data", "device": None, "fstype": None,
+                          "reason": "extensions disabled by balena.nohostext"},
+                 "init": "/sbin/init", "init_start": 1.5, "modules_loaded": 1.75, "python_start": 2.0,
+                 "python_ready": 2.1, "cmdline": "root=LABEL=resin-rootA balena.nohostext", "handover": 2.25,
                  "phases": {"wait_root": 0.01, "assemble": 0.04}},
     }
+    record.update(changes)
+    return record
+
+
+def test_status_of_a_boot_with_extensions_switched_off(tmp_path):
+    record = _record()
     path = tmp_path / "boot.json"
     path.write_text(json.dumps(record))
     out = _status("--record", str(path))
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
-        f"hostapp: hostapp {'ab' * 32}",
         "root partition: LABEL=resin-rootA (/dev/vda1), at /mnt/sysroot/active",
         "data partition: LABEL=resin-data (not mounted: extensions disabled by balena.nohostext)",
-        "extensions: disabled by balena.nohostext",
+        "hostapp hostapp (abababababab): 1 layers",
+        "extensions disabled by balena.nohostext on the kernel command line",
         "init: /sbin/init, handed over at 2.25 s (0.75 s in the initramfs)",
         "phases: wait_root 10 ms, assemble 40 ms",
     ]
@@ -306,7 +319,11 @@ def test_status_of_a_boot_with_extensions_switched_off(tmp_path):
 
 @pytest.mark.parametrize("content,message", [
     ("{not json", "is not valid JSON"),
-    ("[1, 2]", "is not a mobynit boot record (not a JSON object)"),
+    ("[1, 2]", "not a mobynit boot record: the record is not an object"),
+    (json.dumps(_record(version=2)), "not a mobynit boot record: version 2, this mobynit reads version 1"),
+    (json.dumps(_record(extensions=[{"id": "x"}])), "not a mobynit boot record: extensions[0].name is missing"),
+    (json.dumps(_record(page_size="4096")), "not a mobynit boot record: page_size has the wrong type (str)"),
+    (json.dumps(_record(fallbacks=[True])), "not a mobynit boot record: fallbacks[0] has the wrong type (bool)"),
 ])
 def test_status_of_a_bad_record_is_one_sentence(tmp_path, content, message):
     path = tmp_path / "boot.json"

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import time
 
-from mobynit import DEFAULT_RECORD, DEFAULT_TARGET, DEFAULT_WORKDIR  # noqa: F401 (re-exported for boot)
-from mobynit.core import plan as planner
 from mobynit.core import labels as label
-from mobynit.core import policy
+from mobynit.core import plan as planner
+from mobynit.core import policy, render
 from mobynit.core.cmdline import Cmdline
 from mobynit.core.errors import HostappError, MountError, StoreError, shown
-from mobynit.core.model import OVERRIDE, Record
+from mobynit.core.model import Record
+from mobynit.core.paths import DEFAULT_WORKDIR, StorePaths
+from mobynit.core.record import BootRecord, Counted
 from mobynit.core.store import Store, hostapp_id
 
 TYPE_CHECKING = False
@@ -28,50 +29,15 @@ if TYPE_CHECKING:
     from mobynit.core.model import Container, Decision, Extension
     from mobynit.core.plan import Operation, Plan
 
-HOSTAPP_STORE = "balena"
-DATA_STORE = "docker"
-PURGE_MARKER = "remove_me_to_reset"
 
-
-class Layout(Record):
-    """Where the stores are: balenaOS defaults, each overridable."""
-
-    __slots__ = ("sysroot", "hostapp_store", "data", "data_store", "purge_marker")
-    sysroot: str
-    hostapp_store: str
-    data: str | None
-    data_store: str | None
-    purge_marker: str | None
-
-
-def locate(
-    sysroot: str,
-    data: str | None = None,
-    *,
-    hostapp_store: str | None = None,
-    data_store: str | None = None,
-    purge_marker: str | None = None,
-) -> Layout:
-    sysroot = sysroot.rstrip("/") or "/"
-    if data is not None:
-        data = data.rstrip("/") or "/"
-    return Layout(
-        sysroot=sysroot,
-        hostapp_store=hostapp_store or f"{sysroot}/{HOSTAPP_STORE}",
-        data=data,
-        data_store=data_store or (f"{data}/{DATA_STORE}" if data else None),
-        purge_marker=purge_marker or (f"{data}/{PURGE_MARKER}" if data else None),
-    )
-
-
-def read_hostapp(where: Layout) -> Container:
+def read_hostapp(where: StorePaths) -> Container:
     try:
         return Store(where.hostapp_store).container(hostapp_id(where.sysroot))
     except StoreError as e:
         raise HostappError(f"cannot read the hostapp: {e}") from None
 
 
-def find_extensions(where: Layout, cmdline: Cmdline, kernel_release: str) -> tuple[list[Extension], str | None, str | None]:
+def find_extensions(where: StorePaths, cmdline: Cmdline, kernel_release: str) -> tuple[list[Extension], str | None, str | None]:
     """(extensions, disabled_by, disabled_reason): the store is not read at all when extensions are off."""
     token = cmdline.extensions_disabled_by()
     if token is not None:
@@ -97,7 +63,7 @@ class Selection(Record):
 
 
 def select(
-    where: Layout, cmdline: Cmdline, kernel_release: str, *, extensions: bool = True, timings: dict[str, float] | None = None
+    where: StorePaths, cmdline: Cmdline, kernel_release: str, *, extensions: bool = True, timings: dict[str, float] | None = None
 ) -> Selection:
     t0 = time.perf_counter()
     hostapp = read_hostapp(where)
@@ -108,7 +74,7 @@ def select(
     host = None
     if found:
         from mobynit.core.compat import host_architecture
-        from mobynit.core.store import read_os_release
+        from mobynit.core.layers import read_os_release
 
         try:
             os_release = read_os_release([layer.path for layer in hostapp.layers])
@@ -180,12 +146,11 @@ def flat_conflict(plan: Plan) -> str | None:
     """Why this flat plan would not mean what the nested layout means, or None."""
     from mobynit.core import facts
 
-    stacks = []
-    for d in (*[d for d in plan.included if d.position == OVERRIDE], None, *[d for d in plan.included if d.position != OVERRIDE]):
-        c = plan.hostapp if d is None else d.extension.container
-        assert c is not None
-        layer_facts = tuple(layer.facts for layer in c.layers)  # read with the store
-        stacks.append(facts.Stack(name=c.name, dirs=tuple(layer.path for layer in c.layers), facts=layer_facts, hostapp=d is None))
+    stacks = [
+        facts.Stack(name=c.name, dirs=tuple(layer.path for layer in c.layers),
+                    facts=tuple(layer.facts for layer in c.layers), hostapp=owner == planner.HOSTAPP)
+        for owner, c in planner.mount_order(plan.included, plan.hostapp)
+    ]
     return facts.flat_conflict(stacks)
 
 
@@ -280,121 +245,78 @@ def mount_plan(
     return plan, fallbacks
 
 
-def describe_selection(plan: Plan) -> list[str]:
-    """One console line per decision."""
-    h = plan.hostapp
-    lines = [f"hostapp {shown(h.name)} ({h.id[:12]}): {len(h.layers)} layers"]
-    if plan.disabled_reason:
-        lines.append(plan.disabled_reason)
-    for d in plan.decisions:
-        name = shown(d.extension.name)
-        if d.warning:
-            lines.append(f"extension {name}: warning: {d.warning}")
-        if d.included:
-            where = f"override {d.priority if d.priority is not None else '(unranked)'}" if d.position == OVERRIDE else "normal"
-            lines.append(f"extension {name}: included, {where}")
-        else:
-            lines.append(f"extension {name}: skipped: {d.reason}")
-    return lines
-
-
 def assemble(
+    where: StorePaths,
     *,
-    sysroot: str,
-    data: str | None,
     target: str,
-    cmdline: str,
+    cmdline: Cmdline,
     kernel_release: str,
     page_size: int,
     workdir: str = DEFAULT_WORKDIR,
     log: Callable[[str], None] = lambda line: None,
-    hostapp_store: str | None = None,
-    data_store: str | None = None,
-    purge_marker: str | None = None,
-    extensions: bool = True,
     layout: str | None = None,
     attempts_file: str | None = None,
-) -> dict[str, object]:
+) -> BootRecord:
     """Mount the read-only root at `target`; return the record of what was done.
 
     With `attempts_file`, boots with extensions are counted there, and after
     `mobynit.max_tries` unconfirmed ones the hostapp is mounted alone (see attempts.py).
     """
     timings: dict[str, float] = {}
-    where = locate(sysroot, data, hostapp_store=hostapp_store, data_store=data_store, purge_marker=purge_marker)
-    args = Cmdline(cmdline)
-    sel = select(where, args, kernel_release, extensions=extensions, timings=timings)
+    sel = select(where, cmdline, kernel_release, timings=timings)
     exclude: dict[str, str] = {}
     first = None
-    tries = previous = None
+    counting = None
     dry_seconds = 0.0
     if attempts_file is not None:
         from mobynit.core import attempts
 
-        tries = attempts.max_tries(args.get(attempts.CMDLINE_MAX_TRIES))
+        tries = attempts.max_tries(cmdline.get(attempts.CMDLINE_MAX_TRIES))
         previous = attempts.read(attempts_file)
         t0 = time.perf_counter()
         first = make_plan(sel, target=target, workdir=workdir, page_size=page_size, layout=layout)
         dry_seconds = time.perf_counter() - t0
         planned = [d.extension.id for d in first.included]
-        _, giving_up = attempts.at_boot(previous, planned, tries)
+        now, giving_up = attempts.at_boot(previous, planned, tries)
         if giving_up is not None:
             log(giving_up)
             exclude = dict.fromkeys(planned, giving_up)
             first = None  # that plan had the extensions in: make the hostapp-only one
+        counting = (previous, planned, now, giving_up, tries)
     plan, fallbacks = mount_plan(
         sel, target=target, workdir=workdir, page_size=page_size, log=log, layout=layout, timings=timings,
         exclude=exclude, first=first,
     )
     timings["plan"] = round(timings["plan"] + dry_seconds * 1000, 3)  # the first plan was made above
-    for line in describe_selection(plan):
+    counted = None
+    if attempts_file is not None and counting is not None:
+        counted = _count_attempt(attempts_file, plan, *counting, log)
+    record = BootRecord.from_plan(plan, fallbacks=tuple(fallbacks), timings_ms=timings, attempts=counted)
+    for line in render.selection(record):
         log(line)
-    n = len(plan.included)
-    if n:
-        how = f"{plan.layout} ({plan.mechanism}), stacking depth {plan.stacking_depth}"
-        log(f"layout {how}: {plan.layout_reason}" if plan.layout_reason else f"layout {how}")
-    log(f"root mounted read-only at {target}: hostapp and {n} extension{'s' if n != 1 else ''}")
-    record = plan.as_json()
-    record["fallbacks"] = fallbacks
-    record["timings_ms"] = timings
-    if attempts_file is not None and previous is not None and tries is not None:
-        record["attempts"] = _count_attempt(attempts_file, previous, plan, exclude, tries, log)
+    log(render.mounted(record))
     return record
 
 
-def _count_attempt(path: str, previous: Attempts, plan: Plan, exclude: Mapping[str, str], tries: int,
-                   log: Callable[[str], None]) -> dict[str, object]:
+def _count_attempt(path: str, plan: Plan, previous: Attempts, planned: Sequence[str], now: Attempts,
+                   giving_up: str | None, tries: int, log: Callable[[str], None]) -> Counted:
     """Record this boot in the attempts file; a failure to write is a warning, never a failed boot."""
     from mobynit.core import attempts
 
-    mounted = list(exclude) if exclude else [d.extension.id for d in plan.included]
-    now, giving_up = attempts.at_boot(previous, mounted, tries)
+    mounted = sorted(d.extension.id for d in plan.included)
+    if giving_up is None and mounted != sorted(planned):
+        # A fallback kept some planned extensions out: what booted is another set, counted as such.
+        now, _ = attempts.at_boot(previous, mounted, tries)
     if now != previous:
         try:
             attempts.write(path, now)
-        except OSError as e:
-            log(f"warning: cannot record this boot attempt in {path}: {e.strerror}")
-    return {"file": path, "extensions": list(now.extensions), "unconfirmed": now.unconfirmed,
-            "max_tries": tries, "fallback": now.fallback, "reason": giving_up}
+        except StoreError as e:
+            log(f"warning: cannot record this boot attempt: {e}")
+    return Counted(file=path, extensions=now.extensions, unconfirmed=now.unconfirmed, max_tries=tries,
+                   fallback=now.fallback, reason=giving_up)
 
 
-def write_record(path: str, record: Mapping[str, object]) -> None:
-    """Write atomically: a reader sees the old record or the new one, never half."""
-    from mobynit.core import jsonio
-
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        # Compact, by the C encoder: indented output is pure Python (40 ms for 500 extensions).
-        f.write(jsonio.dumps(record))
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-
-
-def index_stores(where: Layout, kernel_release: str, force: bool = False) -> tuple[int, int]:
+def index_stores(where: StorePaths, kernel_release: str, force: bool = False) -> tuple[int, int]:
     """Record the facts of every layer of the hostapp and of each readable
     extension (`mobynit index`); returns (layers walked, layers in all)."""
     from mobynit.core import facts

@@ -1,7 +1,6 @@
 """Boots with extensions that were never confirmed, and when to stop trying them.
 
-Seed 000: "an incorrect hostapp extension can leave your system in a
-non-working state". Each boot that mounts extensions counts one attempt in a
+An extension that breaks the system must not keep it broken. Each boot that mounts extensions counts one attempt in a
 small file on the data partition; the booted system confirms a healthy boot
 (`mobynit confirm`, from a unit that runs once the system is up), which
 resets the count. After `max_tries` unconfirmed boots in a row with the same
@@ -9,16 +8,20 @@ set of extensions, the next boots mount the hostapp alone, until the set of
 extensions changes (an update, a removal) or someone runs
 `mobynit confirm --retry-extensions`.
 
-The file is tiny, written atomically (temporary file, fsync, rename, fsync of
-the directory); a torn or garbled one counts as no history, never as an error:
-the worst it can do is give the extensions their tries again.
+The file is tiny, written atomically and durably (mobynit.core.fileio); a
+torn or garbled one counts as no history, never as an error: the worst it can
+do is give the extensions their tries again.
 """
 
 from __future__ import annotations
 
 import os
 
+from mobynit.core import jsonio
+from mobynit.core.errors import StoreError
+from mobynit.core.fileio import read_file, write_atomic
 from mobynit.core.model import Record
+from mobynit.core.store import is_id
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -49,10 +52,6 @@ def state_path(data: str) -> str:
 
 def read(path: str) -> Attempts:
     """The recorded attempts; NONE when the file is missing, torn or garbled."""
-    from mobynit.core import jsonio
-    from mobynit.core.errors import StoreError
-    from mobynit.core.store import is_id, read_file
-
     try:
         doc = jsonio.loads(read_file(path, 1 << 20))
     except (StoreError, ValueError, RecursionError):
@@ -68,30 +67,22 @@ def read(path: str) -> Attempts:
 
 
 def write(path: str, attempts: Attempts) -> None:
-    """Atomically and durably: a power cut leaves the old file or the new one."""
-    from mobynit.core import jsonio
+    """Atomically and durably (mobynit.core.fileio): a power cut leaves the old file or the new one.
 
+    Raises StoreError naming the file when it cannot be written.
+    """
     directory = os.path.dirname(path) or "."
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"{directory}: cannot create: {e.strerror}") from None
     doc = {
         "version": VERSION,
         "extensions": list(attempts.extensions),
         "unconfirmed": attempts.unconfirmed,
         "fallback": attempts.fallback,
     }
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, (jsonio.dumps(doc) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, (jsonio.dumps(doc) + "\n").encode(), 0o600)
 
 
 def max_tries(value: str | None) -> int:

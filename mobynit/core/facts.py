@@ -26,7 +26,8 @@ import stat
 from mobynit.core import jsonio
 from mobynit.core.errors import StoreError, shown
 from mobynit.core.model import Record
-from mobynit.core.store import read_file
+from mobynit.core.fileio import read_file, write_atomic
+from mobynit.core.layers import lookup
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ def facts_path(layer_dir: str) -> str:
 
 
 def save(layer_dir: str, layer_id: str, facts: LayerFacts) -> None:
-    """Write atomically beside the layer's diff/."""
+    """Write atomically and durably beside the layer's diff/; raises StoreError."""
     doc = {
         "version": FACTS_VERSION,
         "id": layer_id,
@@ -126,13 +127,7 @@ def save(layer_dir: str, layer_id: str, facts: LayerFacts) -> None:
         "paths": sorted(facts.paths) if facts.paths is not None else None,
         "dirs": [list(d) for d in facts.dirs] if facts.dirs is not None else None,
     }
-    path = facts_path(layer_dir)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(jsonio.dumps(doc))
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
+    write_atomic(facts_path(layer_dir), jsonio.dumps(doc).encode())
 
 
 def _valid_path(p: object) -> bool:
@@ -239,8 +234,6 @@ def flat_conflict(stacks: Sequence[Stack]) -> str | None:
     names a path that a stack below it has, or where a layer carries other
     overlay xattrs (redirects, metacopy) that a nested mount would have hidden.
     """
-    from mobynit.core.store import lookup
-
     below_paths: set[str] = set()
     below_unlisted: list[Stack] = []  # stacks too big to list: asked by lookup instead
     for s in reversed(stacks):

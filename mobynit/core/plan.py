@@ -26,6 +26,9 @@ a 4 KiB page.
 
 from __future__ import annotations
 
+import os
+
+from mobynit.core import syscalls
 from mobynit.core.errors import shown
 from mobynit.core.model import OVERRIDE, Record
 
@@ -92,8 +95,6 @@ class MakeDir(Operation):
         return _op_json("mkdir", target=self.path, owner=self.owner)
 
     def execute(self) -> None:
-        import os
-
         os.makedirs(self.path, mode=0o755, exist_ok=True)
 
 
@@ -117,17 +118,13 @@ class Mount(Operation):
                         flags=self.flags, cwd=self.cwd, owner=self.owner)
 
     def execute(self) -> None:
-        from mobynit.core import syscalls
-
         flags = 0
         for name in self.flags:
-            flags |= _FLAG_BITS[name]
+            flags |= syscalls.FLAGS[name]
         with _cwd(self.cwd):
             syscalls.mount(self.source, self.target, self.fstype, flags, self.options)
 
     def undo(self) -> None:
-        from mobynit.core import syscalls
-
         syscalls.umount(self.target, syscalls.MNT_DETACH)
 
 
@@ -163,10 +160,6 @@ class FsMount(Operation):
         return doc
 
     def execute(self) -> None:
-        import os
-
-        from mobynit.core import syscalls
-
         fs = syscalls.fsopen("overlay")
         try:
             back = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -190,8 +183,6 @@ class FsMount(Operation):
             os.close(mnt)
 
     def undo(self) -> None:
-        from mobynit.core import syscalls
-
         syscalls.umount(self.target, syscalls.MNT_DETACH)
 
 
@@ -211,8 +202,6 @@ class LinkLayers(Operation):
         return doc
 
     def execute(self) -> None:
-        import os
-
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         for name, target in self.links:
             path = f"{self.directory}/{name}"
@@ -240,8 +229,6 @@ class RemoveLinks(Operation):
         return _op_json("unlink", target=self.directory, owner=self.owner)
 
     def execute(self) -> None:
-        import os
-
         for name in self.names:
             try:
                 os.unlink(f"{self.directory}/{name}")
@@ -263,8 +250,6 @@ class Detach(Operation):
         return _op_json("detach", target=self.target, flags=("detach",), owner=self.owner)
 
     def execute(self) -> None:
-        from mobynit.core import syscalls
-
         syscalls.umount(self.target, syscalls.MNT_DETACH)
 
 
@@ -279,12 +264,7 @@ class RemoveDir(Operation):
         return _op_json("rmdir", target=self.path, owner=self.owner)
 
     def execute(self) -> None:
-        import os
-
         os.rmdir(self.path)
-
-
-_FLAG_BITS = {"ro": 0x1, "nosuid": 0x2, "nodev": 0x4}
 
 
 class _cwd:
@@ -298,15 +278,11 @@ class _cwd:
 
     def __enter__(self) -> None:
         if self.path is not None:
-            import os
-
             self.back = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             os.chdir(self.path)
 
     def __exit__(self, *exc: object) -> None:
         if self.back >= 0:
-            import os
-
             os.fchdir(self.back)
             os.close(self.back)
 
@@ -337,39 +313,10 @@ class Plan(Record):
         return 2 if self.layout == NESTED and self.included else 1
 
     def as_json(self) -> dict[str, object]:
-        h = self.hostapp
-        return {
-            "version": 1,
-            "hostapp": {"id": h.id, "name": h.name, "layers": [layer.path for layer in h.layers]},
-            "extensions": [_decision_json(d) for d in self.decisions],
-            "disabled_by": self.disabled_by,
-            "disabled_reason": self.disabled_reason,
-            "kernel_release": self.kernel_release,
-            "page_size": self.page_size,
-            "target": self.target,
-            "layout": self.layout,
-            "layout_reason": self.layout_reason,
-            "mechanism": self.mechanism,
-            "stacking_depth": self.stacking_depth,
-            "mounts": [op.as_json() for op in self.operations],
-        }
+        """The plan document (docs/plan-json.md): the boot record this plan would leave, less what only a run knows."""
+        from mobynit.core.record import BootRecord
 
-
-def _decision_json(d: Decision) -> dict[str, object]:
-    ext = d.extension
-    doc: dict[str, object] = {
-        "id": ext.id,
-        "name": ext.name,
-        "included": d.included,
-        "position": d.position,
-        "priority": d.priority,
-        "layers": len(ext.container.layers) if ext.container else 0,
-    }
-    if d.reason is not None:
-        doc["reason"] = d.reason
-    if d.warning is not None:
-        doc["warning"] = d.warning
-    return doc
+        return BootRecord.from_plan(self).as_json(plan_only=True)
 
 
 def _fits(options_len: int, entries: int, page_size: int | None) -> str | None:
@@ -397,20 +344,23 @@ def _joined_len(names_count: int, first: int = 0) -> int:
     return sum(len(short_name(i)) + 1 for i in range(first, first + names_count)) - (1 if names_count else 0)
 
 
-def _layers(c: Container) -> int:
-    return len(c.layers)
+def mount_order(kept: Sequence[Decision], hostapp: Container) -> list[tuple[str, Container]]:
+    """(owner, image) top first: overrides, the hostapp, normal extensions.
+
+    The one definition of the stacking order; `kept` is already sorted
+    within each group (policy.order_key). The owner is HOSTAPP or the
+    extension's id.
+    """
+    return [
+        *((d.extension.id, _image(d)) for d in kept if d.position == OVERRIDE),
+        (HOSTAPP, hostapp),
+        *((d.extension.id, _image(d)) for d in kept if d.position != OVERRIDE),
+    ]
 
 
-def _order(kept: Sequence[Decision], hostapp: object) -> list[object]:
-    """Overrides, the hostapp, normal extensions: `kept` is already in mount order."""
-    return [*(d for d in kept if d.position == OVERRIDE), hostapp, *(d for d in kept if d.position != OVERRIDE)]
-
-
-def _container(item: object, hostapp: Container) -> Container:
-    if item is hostapp:
-        return hostapp
-    c = item.extension.container  # type: ignore[attr-defined]
-    assert c is not None
+def _image(d: Decision) -> Container:
+    c = d.extension.container
+    assert c is not None, "only readable extensions are included"
     return c
 
 
@@ -424,7 +374,7 @@ def _new_layers(hostapp: Container, kept: Sequence[Decision]) -> list[int]:
     seen = {layer.path for layer in hostapp.layers}
     counts = []
     for d in kept:
-        c = _container(d, hostapp)
+        c = _image(d)
         n = 0
         for layer in c.layers:
             if layer.path not in seen:
@@ -434,15 +384,14 @@ def _new_layers(hostapp: Container, kept: Sequence[Decision]) -> list[int]:
     return counts
 
 
-def _flat_layers(order: Sequence[object], hostapp: Container) -> list[tuple[str, Layer]]:
+def _flat_layers(order: Sequence[tuple[str, Container]]) -> list[tuple[str, Layer]]:
     """Every layer top first, each once: images built on the same base share layer
     directories, which one overlay must not list twice (ELOOP). The lower copy
     of a shared layer is shadowed by its identical upper copy, so dropping it
     changes no file."""
     seen: set[str] = set()
     out = []
-    for item in order:
-        c = _container(item, hostapp)
+    for _, c in order:
         for layer in c.layers:
             if layer.path not in seen:
                 seen.add(layer.path)
@@ -502,7 +451,7 @@ def build(
     kept: list[Decision] = []
     for d in decisions:
         if d.included and layout == NESTED:
-            own = _stack_mount(_container(d, hostapp), "", empty, d.extension.id)
+            own = _stack_mount(_image(d), "", empty, d.extension.id)
             problem = _fits(len(own.options), len(own.options.split(":")), page_size)
             if problem:
                 d = d.drop(f"does not fit in one mount: {problem}")
@@ -529,7 +478,7 @@ def build(
         entries -= own.pop()
         dropped[d.extension.id] = f"dropped to fit the root mount: with it, {problem}"
     final = [d.drop(dropped[d.extension.id]) if d.extension.id in dropped else d for d in final]
-    order = _order(kept, hostapp)
+    order = mount_order(kept, hostapp)
 
     ops: list[Operation] = []
     if not kept:
@@ -537,14 +486,12 @@ def build(
             ops.append(MakeDir(path=empty, owner=HOSTAPP))
         ops.append(host_alone)
     elif layout == NESTED:
-        if any(_layers(_container(i, hostapp)) == 1 for i in order):
+        if any(len(c.layers) == 1 for _, c in order):
             ops.append(MakeDir(path=empty, owner=HOSTAPP))
         names = []
         stacked: list[Mount] = []
-        for item in order:
-            c = _container(item, hostapp)
-            name = HOSTAPP if item is hostapp else short_name(len(names) - (HOSTAPP in names))
-            owner = HOSTAPP if item is hostapp else c.id
+        for owner, c in order:
+            name = HOSTAPP if owner == HOSTAPP else short_name(len(names) - (HOSTAPP in names))
             names.append(name)
             stacked.append(_stack_mount(c, f"{workdir}/{name}", empty, owner))
         for m in stacked:
@@ -554,7 +501,7 @@ def build(
         for m in stacked:
             ops += (Detach(target=m.target, owner=ROOT), RemoveDir(path=m.target, owner=ROOT))
     else:
-        layers = _flat_layers(order, hostapp)
+        layers = _flat_layers(order)
         if mechanism == FSCONFIG:
             ops.append(FsMount(target=target, layers=tuple((cwd, layer.link) for cwd, layer in layers), owner=ROOT))
         else:

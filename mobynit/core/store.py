@@ -11,14 +11,16 @@ StoreError naming the file; the caller decides whether that sinks a boot
 
 from __future__ import annotations
 
-from mobynit.core import jsonio
 import os
-import stat
 
+from mobynit.core import jsonio
 from mobynit.core import labels as label
 from mobynit.core.errors import StoreError
 from mobynit.core.errors import shown as printable
-from mobynit.core.model import Container, Extension, KernelModules, Layer
+from mobynit.core.facts import load as load_facts
+from mobynit.core.fileio import read_file, read_text, readlink, require_dir
+from mobynit.core.layers import probe_modules, read_extension_release
+from mobynit.core.model import Container, Extension, Layer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,10 +33,6 @@ LINK_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 LINK_LEN = 26
 CONFIG_LIMIT = 4 << 20  # a config.v2.json is a few KiB; refuse to slurp a planted giant
 SMALL_LIMIT = 4096  # mount-id, lower
-SYMVERS_LIMIT = 64 << 20
-
-
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def is_id(name: str) -> bool:
@@ -45,67 +43,12 @@ def _is_link(name: str) -> bool:
     return len(name) == LINK_LEN and LINK_CHARS.issuperset(name)
 
 
-def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | None = None) -> bytes:
-    """A regular file's bytes; never follows a final symlink, never blocks on a FIFO."""
-    shown = display or path
-    try:
-        fd = os.open(path, _O_READ, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise StoreError(f"{shown}: missing") from None
-    except OSError as e:
-        raise StoreError(f"{shown}: cannot open: {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StoreError(f"{shown}: not a regular file")
-        if st.st_size > limit:
-            raise StoreError(f"{shown}: {st.st_size} bytes, more than the {limit} expected")
-        data = os.read(fd, st.st_size + 1)
-        if len(data) == st.st_size:
-            return data  # the common case: one read
-        chunks = [data]
-        total = len(data)
-        while chunk := os.read(fd, limit + 1 - total):
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > limit:
-                raise StoreError(f"{shown}: more than the {limit} bytes expected")
-        return b"".join(chunks)
-    except OSError as e:
-        raise StoreError(f"{shown}: cannot read: {e.strerror}") from None
-    finally:
-        os.close(fd)
 
 
-def _read_text(path: str, limit: int = SMALL_LIMIT) -> str:
-    try:
-        return read_file(path, limit).decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise StoreError(f"{path}: not ASCII text") from None
 
 
-def _require_dir(path: str) -> None:
-    """A real directory: not missing, not a symlink, not anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise StoreError(f"{path}: missing") from None
-    except OSError as e:
-        raise StoreError(f"{path}: {e.strerror}") from None
-    if stat.S_ISLNK(st.st_mode):
-        raise StoreError(f"{path}: is a symlink, not followed")
-    if not stat.S_ISDIR(st.st_mode):
-        raise StoreError(f"{path}: not a directory")
 
 
-def _readlink(path: str, when_missing: str) -> str:
-    """A symlink's target, never followed; StoreError saying what is wrong otherwise."""
-    try:
-        return os.readlink(path)
-    except FileNotFoundError:
-        raise StoreError(f"{path}: {when_missing}") from None
-    except OSError as e:
-        raise StoreError(f"{path}: not a symlink ({e.strerror})") from None
 
 
 def _dir_has_entries(path: str) -> bool:
@@ -163,7 +106,7 @@ class Store:
     def _require_shared_dir(self, path: str) -> None:
         """The store's own top directories: checked once, not once per container."""
         if path not in self._checked:
-            _require_dir(path)
+            require_dir(path)
             self._checked.add(path)
 
     def container(self, cid: str) -> Container:
@@ -171,7 +114,7 @@ class Store:
         if not is_id(cid):
             raise StoreError(f"{self.containers}/{cid[:80]!r}: container id is not 64 hex digits")
         self._require_shared_dir(self.containers)
-        _require_dir(f"{self.containers}/{cid}")
+        require_dir(f"{self.containers}/{cid}")
         path = f"{self.containers}/{cid}/config.v2.json"
         return self._load(cid, path, _parse_config(read_file(path, CONFIG_LIMIT), path, cid))
 
@@ -190,20 +133,20 @@ class Store:
     def layers(self, cid: str) -> tuple[Layer, ...]:
         """The read-only stack of container `cid`, top first, without its -init layer."""
         self._require_shared_dir(self.mounts)
-        _require_dir(f"{self.mounts}/{cid}")
+        require_dir(f"{self.mounts}/{cid}")
         mount_id_path = f"{self.mounts}/{cid}/mount-id"
-        mount_id = _read_text(mount_id_path)
+        mount_id = read_text(mount_id_path, SMALL_LIMIT)
         if not is_id(mount_id):
             raise StoreError(f"{mount_id_path}: {mount_id[:80]!r} is not a 64-hex layer id")
         self._require_shared_dir(self.overlay2)
         top = f"{self.overlay2}/{mount_id}"
-        _require_dir(top)
-        _require_dir(f"{top}/diff")
+        require_dir(top)
+        require_dir(f"{top}/diff")
         stack: list[Layer] = []
         if _dir_has_entries(f"{top}/diff"):
             stack.append(Layer(id=mount_id, path=f"{top}/diff", link=f"{mount_id}/diff", facts=_facts(top, mount_id)))
         lower_path = f"{top}/lower"
-        lower = _read_text(lower_path, 64 << 10)
+        lower = read_text(lower_path, 64 << 10)
         if not lower:
             raise StoreError(f"{lower_path}: empty")
         seen = {mount_id}
@@ -226,16 +169,16 @@ class Store:
             raise StoreError(f"{lower_path}: entry {entry[:80]!r} is not of the form l/<26 letters or digits>")
         self._require_shared_dir(f"{self.overlay2}/l")  # the kernel resolves l/<LINK> through it too
         link_path = f"{self.overlay2}/l/{link}"
-        target = _readlink(link_path, f"missing (listed in {lower_path})")
+        target = readlink(link_path, f"missing (listed in {lower_path})")
         dots, _, rest = target.partition("/")
         lid, _, diff = rest.partition("/")
         lid_ok = is_id(lid) or (lid.endswith("-init") and is_id(lid[:-5]))
         if dots != ".." or diff != "diff" or not lid_ok:
             raise StoreError(f"{link_path}: points to {target[:120]!r}, not ../<layer id>/diff")
         layer_dir = f"{self.overlay2}/{lid}"
-        _require_dir(layer_dir)
+        require_dir(layer_dir)
         path = f"{layer_dir}/diff"
-        _require_dir(path)
+        require_dir(path)
         return Layer(id=lid, path=path, link=f"l/{link}")
 
     def scan(self, wanted: Callable[[Mapping[str, str]], bool], release: str) -> list[Extension]:
@@ -315,188 +258,11 @@ def _best_name(raw: bytes) -> str | None:
 def hostapp_id(sysroot: str) -> str:
     """The hostapp container id: the basename of the `current` symlink."""
     current = f"{sysroot.rstrip('/')}/current"
-    target = _readlink(current, "missing; no hostapp is installed")
+    target = readlink(current, "missing; no hostapp is installed")
     cid = target.rstrip("/").rpartition("/")[2]
     if not is_id(cid):
         raise StoreError(f"{current}: points to {target[:120]!r}, whose basename is not a 64-hex container id")
     return cid
 
-
-# --- kernel modules inside an extension --------------------------------------
-
-_WHITEOUT = "whiteout"
-
-
-def _layer_lookup(layer: str, parts: Sequence[str]) -> tuple[str | None, bool]:
-    """Look `parts` up in one layer as overlayfs would.
-
-    Returns (kind, stop): kind is "dir", "file", "whiteout", "other" or None
-    (absent); stop says that this layer hides the path in the layers below
-    (a whiteout, an opaque directory, or a non-directory on the way).
-    Symlinks are never followed: one on the way counts as a non-directory.
-    """
-    path = layer
-    for depth, part in enumerate(parts):
-        path = f"{path}/{part}"
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return None, False
-        last = depth == len(parts) - 1
-        mode = st.st_mode
-        if stat.S_ISCHR(mode) and st.st_rdev == 0:
-            return _WHITEOUT, True
-        if not stat.S_ISDIR(mode):
-            # A file, device or symlink hides whatever lower layers hold here.
-            return (("file" if stat.S_ISREG(mode) else "other") if last else None), True
-        if _is_opaque(path):
-            if last:
-                return "dir", True
-            # An opaque directory on the way hides the rest of the path below.
-            kind, _ = _layer_lookup(path, parts[depth + 1 :])
-            return kind, True
-        if last:
-            return "dir", False
-    return None, False
-
-
-def _is_opaque(path: str) -> bool:
-    try:
-        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
-    except OSError:
-        return False
-
-
-def lookup(layers: Sequence[str], relpath: str) -> tuple[str, str] | None:
-    """(kind, path) of `relpath` in the merged view of `layers` (top first), or None."""
-    parts = [p for p in relpath.split("/") if p]
-    for layer in layers:
-        kind, stop = _layer_lookup(layer, parts)
-        if kind == _WHITEOUT:
-            return None
-        if kind is not None:
-            return kind, f"{layer}/{'/'.join(parts)}"
-        if stop:
-            return None
-    return None
-
-
 def _facts(layer_dir: str, layer_id: str) -> LayerFacts | None:
-    from mobynit.core.facts import load  # facts reads through this module: import late
-
-    return load(layer_dir, layer_id)
-
-
-def _surely_absent(known: Sequence[LayerFacts | None] | None, relpath: str) -> bool:
-    """True when every layer's recorded path list proves `relpath` absent: no syscalls needed."""
-    if not known:
-        return False
-    for f in known:
-        if f is None or f.paths is None or relpath in f.paths:
-            return False
-    return True
-
-
-def probe_modules(
-    layers: Sequence[str], release: str, known: Sequence[LayerFacts | None] | None = None
-) -> KernelModules | None:
-    """What the stack carries under lib/modules/<release>, for the ABI check.
-
-    `known` are the layers' recorded facts, when there are: they answer
-    "nothing there" for most extensions without touching the disk.
-    """
-    if not release or "/" in release or release in (".", ".."):
-        return None
-    if _surely_absent(known, f"lib/modules/{release}"):
-        return None
-    found = lookup(layers, f"lib/modules/{release}")
-    if found is None or found[0] != "dir":
-        return None
-    symvers = lookup(layers, f"lib/modules/{release}/Module.symvers")
-    if symvers is None or symvers[0] != "file":
-        return KernelModules(release=release, symvers_sha256=None)
-    import hashlib  # only extensions that ship modules pay for it
-
-    return KernelModules(release=release, symvers_sha256=hashlib.sha256(read_file(symvers[1], SYMVERS_LIMIT)).hexdigest())
-
-
-# --- release files -------------------------------------------------------------------
-
-RELEASE_LIMIT = 64 << 10
-EXTENSION_RELEASE_DIR = "usr/lib/extension-release.d"
-
-
-def _names_in(layers: Sequence[str], relpath: str) -> set[str]:
-    """The entries of directory `relpath` in the merged view of `layers` (top first)."""
-    parts = [p for p in relpath.split("/") if p]
-    names: set[str] = set()
-    hidden: set[str] = set()
-    for layer in layers:
-        kind, stop = _layer_lookup(layer, parts)
-        if kind == _WHITEOUT or (kind is not None and kind != "dir"):
-            break
-        if kind == "dir":
-            try:
-                with os.scandir(f"{layer}/{relpath}") as it:
-                    for entry in it:
-                        if entry.name in hidden or entry.name in names:
-                            continue
-                        st = entry.stat(follow_symlinks=False)
-                        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                            hidden.add(entry.name)
-                        else:
-                            names.add(entry.name)
-            except OSError:
-                pass
-        if stop:
-            break
-    return names
-
-
-def read_release_file(layers: Sequence[str], relpath: str) -> dict[str, str] | None:
-    """An os-release style file in the merged view of `layers`, parsed; None if absent."""
-    from mobynit.core.compat import parse_os_release
-
-    found = lookup(layers, relpath)
-    if found is None or found[0] != "file":
-        return None
-    try:
-        text = read_file(found[1], RELEASE_LIMIT).decode("utf-8")
-    except UnicodeDecodeError:
-        raise StoreError(f"{found[1]}: not UTF-8 text") from None
-    return parse_os_release(text)
-
-
-def read_extension_release(
-    layers: Sequence[str], name: str, known: Sequence[LayerFacts | None] | None = None
-) -> tuple[str, dict[str, str]] | None:
-    """(its name, its fields): the extension's `extension-release.<name>`, the one
-    named after the container, else the only one there is; None when it carries none."""
-    if _surely_absent(known, EXTENSION_RELEASE_DIR):
-        return None
-    prefix = "extension-release."
-    names = sorted(n for n in _names_in(layers, EXTENSION_RELEASE_DIR) if n.startswith(prefix))
-    if not names:
-        return None
-    wanted = f"{prefix}{name}"
-    if wanted not in names:
-        if len(names) > 1:
-            raise StoreError(f"{layers[0]}/{EXTENSION_RELEASE_DIR}: {len(names)} extension-release files and none is {wanted}")
-        wanted = names[0]
-    relpath = f"{EXTENSION_RELEASE_DIR}/{wanted}"
-    fields = read_release_file(layers, relpath)
-    if fields is None:
-        raise StoreError(f"{layers[0]}/{relpath}: not a regular file")
-    return wanted[len(prefix) :], fields
-
-
-def read_os_release(layers: Sequence[str]) -> dict[str, str]:
-    """The hostapp's os-release (etc/os-release, else usr/lib/os-release); {} if it has none.
-
-    Symlinks are not followed (etc/os-release is often one): the second path covers that.
-    """
-    for path in ("etc/os-release", "usr/lib/os-release"):
-        found = read_release_file(layers, path)
-        if found is not None:
-            return found
-    return {}
+    return load_facts(layer_dir, layer_id)

@@ -35,14 +35,13 @@ import time
 
 _IMPORTED = time.clock_gettime(time.CLOCK_BOOTTIME)  # before the package's own imports
 
-from mobynit import DEFAULT_RECORD
 from mobynit.core import assemble as assembler
-from mobynit.core import attempts
+from mobynit.core import attempts, cmdline, syscalls
+from mobynit.core.errors import HostappError, MobynitError, StoreError
+from mobynit.core.paths import ACTIVE_SYSROOT, store_paths
+from mobynit.core.record import DEFAULT_RECORD, BootInfo, BootRecord, Partition
 from mobynit.initrd import blockdev
-from mobynit.core import cmdline
-from mobynit.core import syscalls
 from mobynit.initrd.console import Console
-from mobynit.core.errors import HostappError, MobynitError
 
 EXIT_HANDOVER = 0
 EXIT_RESCUE = 100
@@ -54,7 +53,7 @@ DATA = "/data"
 WORKDIR = "/tmp/mobynit/work"  # in the initramfs: gone with it
 HANDOVER = "/tmp/mobynit/handover"
 RECORD = DEFAULT_RECORD  # where the booted system finds it
-ACTIVE = "/mnt/sysroot/active"
+ACTIVE = ACTIVE_SYSROOT
 MOVED = ("/dev", "/proc", "/sys", "/run")
 
 DEFAULT_DATA = "LABEL=resin-data"
@@ -75,13 +74,12 @@ class Boot:
         self.console = console
         self.log = console.info
         self.phases: dict[str, float] = {}
-        self.info: dict[str, object] = {
-            "init_start": init_start,
-            "modules_loaded": _float(os.environ.get("MOBYNIT_MODULES_LOADED")),
-            "python_start": round(_IMPORTED, 3),
-            "python_ready": round(uptime(), 3),
-            "cmdline": cmd.text.strip(),
-        }
+        self.init_start = init_start
+        self.modules_loaded = _float(os.environ.get("MOBYNIT_MODULES_LOADED"))
+        self.python_start = round(_IMPORTED, 3)
+        self.python_ready = round(uptime(), 3)
+        self.root: Partition | None = None
+        self.data: Partition | None = None
 
     def timed(self, phase: str, start: float) -> None:
         self.phases[phase] = round(time.monotonic() - start, 4)
@@ -129,27 +127,26 @@ class Boot:
         except OSError as e:
             raise HostappError(f"cannot mount root partition {path} ({fstype}) read-only: {e.strerror}") from None
         self.timed("mount_root", start)
-        self.info["root"] = {"spec": text, "device": path, "fstype": fstype}
+        self.root = Partition(spec=text, device=path, fstype=fstype)
         self.log(f"root {_named(text, path)}, mounted read-only")
 
     def mount_data(self) -> str | None:
         """The data partition's mount point, or None to boot without extensions."""
         text = self.cmd.get("mobynit.data") or DEFAULT_DATA
-        record: dict[str, object] = {"spec": text, "device": None}
-        self.info["data"] = record
+        self.data = Partition(spec=text, device=None)
         switch = self.cmd.extensions_disabled_by()
         if switch is not None:
-            record["reason"] = f"extensions disabled by {switch}"
+            self.data = self.data.replace(reason=f"extensions disabled by {switch}")
             # The assembler says why extensions are off; this is only the consequence.
             self.console.debug(f"data partition not mounted: extensions disabled by {switch}")
             return None
         if text == "none":
-            record["reason"] = "mobynit.data=none"
+            self.data = self.data.replace(reason="mobynit.data=none")
             self.log("no data partition (mobynit.data=none): no extensions")
             return None
         path, why = self.find("data partition", text, "wait_data")
         if path is None:
-            record["reason"] = why
+            self.data = self.data.replace(reason=why)
             self.log(f"{why}: booting without extensions")
             return None
         start = time.monotonic()
@@ -159,23 +156,22 @@ class Boot:
             # held read-only by the overlay would make that mount fail (EBUSY).
             syscalls.mount(path, DATA, "ext4", syscalls.MS_NOSUID | syscalls.MS_NODEV)
         except OSError as e:
-            record["reason"] = f"mount failed: {e.strerror}"
+            self.data = self.data.replace(reason=f"mount failed: {e.strerror}")
             self.log(f"cannot mount data partition {path}: {e.strerror}: booting without extensions")
             return None
         self.timed("mount_data", start)
-        record["device"] = path
+        self.data = self.data.replace(device=path)
         self.log(f"data {_named(text, path)}")
         return DATA
 
-    def assemble(self, data: str | None) -> dict:
+    def assemble(self, data: str | None) -> BootRecord:
         start = time.monotonic()
         os.makedirs(NEWROOT, exist_ok=True)
         os.makedirs(WORKDIR, exist_ok=True)
         record = assembler.assemble(
-            sysroot=SYSROOT,
-            data=data,
+            store_paths(SYSROOT, data),
             target=NEWROOT,
-            cmdline=self.cmd.text,
+            cmdline=self.cmd,
             kernel_release=os.uname().release,
             page_size=os.sysconf("SC_PAGE_SIZE"),
             workdir=WORKDIR,
@@ -189,6 +185,14 @@ class Boot:
             # The overlay holds its own references to the layers it uses.
             syscalls.umount(data, syscalls.MNT_DETACH)
         return record
+
+    def account(self, init: str) -> BootInfo:
+        """The initramfs's part of the boot record, at the handover."""
+        return BootInfo(
+            init_start=self.init_start, modules_loaded=self.modules_loaded, python_start=self.python_start,
+            python_ready=self.python_ready, cmdline=self.cmd.text.strip(), root=self.root, data=self.data,
+            init=init, phases=self.phases, handover=round(uptime(), 3),
+        )
 
     def init_path(self) -> str:
         init = self.cmd.get("init") or DEFAULT_INIT
@@ -258,8 +262,8 @@ def run(console: Console, cmd: cmdline.Cmdline) -> int:
     log(f"mobynit {__version__} on {os.uname().release}")
     debug = console.debug
     debug(f"command line: {cmd.text.strip()}")
-    debug(f"initramfs: init started at {boot.info['init_start']} s, modules loaded at "
-          f"{boot.info['modules_loaded']} s, python at {boot.info['python_start']} s")
+    debug(f"initramfs: init started at {boot.init_start} s, modules loaded at "
+          f"{boot.modules_loaded} s, python at {boot.python_start} s")
     try:
         boot.mount_root()
         data = boot.mount_data()
@@ -274,17 +278,14 @@ def run(console: Console, cmd: cmdline.Cmdline) -> int:
             return EXIT_RESCUE
         log("no rescue shell (add mobynit.shell); panicking so the bootloader can fall back")
         return EXIT_PANIC
-    boot.info["init"] = init
-    boot.info["phases"] = boot.phases
     debug("phases: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in boot.phases.items()))
-    boot.info["handover"] = round(uptime(), 3)
-    record["boot"] = boot.info
-    start = boot.info["init_start"] or boot.info["python_start"]
-    log(f"handing over to {init}, {boot.info['handover'] - start:.2f} s after init started")
+    info = boot.account(init)
+    start = info.init_start or info.python_start
+    log(f"handing over to {init}, {info.handover - start:.2f} s after init started")
     try:
-        assembler.write_record(NEWROOT + RECORD, record)
-    except OSError as e:
-        log(f"boot record not written: {e.strerror}")
+        record.replace(boot=info).write(NEWROOT + RECORD)
+    except StoreError as e:
+        log(f"boot record not written: {e}")
     os.makedirs(os.path.dirname(HANDOVER), exist_ok=True)
     with open(HANDOVER, "w", encoding="utf-8") as f:
         f.write(init + "\n")
@@ -301,80 +302,6 @@ def _float(text: str | None) -> float | None:
         return float(text) if text else None
     except ValueError:
         return None
-
-
-def format_status(record: dict) -> str:
-    """The boot record for people: what was booted, what was left out and why."""
-    from mobynit.core.errors import shown
-
-    out = []
-    boot = record.get("boot") or {}
-    hostapp = record.get("hostapp") or {}
-    out.append(f"hostapp: {shown(hostapp.get('name'))} {hostapp.get('id')}")
-    root = boot.get("root") or {}
-    if root:
-        out.append(f"root partition: {root.get('spec')} ({root.get('device')}), at {ACTIVE}")
-    data = boot.get("data") or {}
-    if data:
-        where = data.get("device") or f"not mounted: {data.get('reason')}"
-        out.append(f"data partition: {data.get('spec')} ({where})")
-    if record.get("disabled_by"):
-        out.append(f"extensions: disabled by {shown(record['disabled_by'])}")
-    elif record.get("disabled_reason"):
-        out.append(f"extensions: {record['disabled_reason']}")
-    for ext in record.get("extensions") or []:
-        name = shown(ext.get("name"))
-        if ext.get("included"):
-            where = ext.get("position")
-            if where == "override":
-                where = f"override {ext.get('priority')}"
-            out.append(f"  + {name} ({where})")
-        else:
-            out.append(f"  - {name}: {ext.get('reason')}")
-    counted = record.get("attempts")
-    if isinstance(counted, dict):
-        state = "hostapp alone" if counted.get("fallback") else "counting"
-        out.append(f"boot attempts: {counted.get('unconfirmed')} unconfirmed of "
-                   f"mobynit.max_tries={counted.get('max_tries')} ({state}); `mobynit confirm` resets them")
-    for fallback in record.get("fallbacks") or []:
-        out.append(f"fallback: {fallback}")
-    if boot:
-        start = boot.get("init_start") or boot.get("python_start")
-        out.append(f"init: {boot.get('init')}, handed over at {boot.get('handover')} s "
-                   f"({boot.get('handover', 0) - (start or 0):.2f} s in the initramfs)")
-        phases = boot.get("phases") or {}
-        if phases:
-            out.append("phases: " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in phases.items()))
-    return "\n".join(out) + "\n"
-
-
-def cmd_status(args) -> int:
-    """`mobynit status [--record FILE] [--json]`."""
-    import json
-
-    try:
-        with open(args.record, encoding="utf-8") as f:
-            record = json.load(f)
-    except FileNotFoundError:
-        raise MobynitError(f"no boot record at {args.record}: this system was not booted by mobynit") from None
-    except OSError as e:
-        raise MobynitError(f"cannot read the boot record {args.record}: {e.strerror}") from None
-    except ValueError as e:
-        raise MobynitError(f"{args.record} is not valid JSON: {e}") from None
-    if not isinstance(record, dict):
-        raise MobynitError(f"{args.record} is not a mobynit boot record (not a JSON object)")
-    if args.json:
-        json.dump(record, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write(format_status(record))
-    return 0
-
-
-def cmd_boot(args) -> int:
-    """`mobynit boot`: what /init runs, reached through the CLI."""
-    main()
-    return 0  # not reached: main() exits
 
 
 def main() -> None:

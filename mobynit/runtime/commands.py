@@ -22,7 +22,7 @@ from mobynit.runtime.state import CREATED, STOPPED, State, StateDir
 
 def boot_verdict(labels: Mapping[str, str], rootfs: str) -> str | None:
     """What the assembler will say at the next boot: why it would skip this extension."""
-    from mobynit.core import cmdline, policy, store
+    from mobynit.core import cmdline, layers, policy
 
     release = os.uname().release
     try:
@@ -30,7 +30,7 @@ def boot_verdict(labels: Mapping[str, str], rootfs: str) -> str | None:
     except OSError:
         token = None
     try:
-        modules = store.probe_modules([rootfs], release)
+        modules = layers.probe_modules([rootfs], release)
     except MobynitError as e:
         return str(e)
     return policy.kernel_verdict(labels, modules, release, token)

@@ -34,7 +34,7 @@ from mobynit.core import cmdline
 from mobynit.core import compat
 from mobynit.core import labels as label
 from mobynit.core import policy
-from mobynit.core import store
+from mobynit.core import layers
 from mobynit.core.errors import MobynitError, shown
 from mobynit.runtime import RuntimeFailure
 from mobynit.runtime.engine import DEFAULT_HOST, EngineAPIError, EngineClient
@@ -163,7 +163,7 @@ def cleanup(
     stale_os: bool,
     system: System | None,
     log: Callable[[str], None],
-    probe: Callable[[Sequence[str], str], object] = store.probe_modules,
+    probe: Callable[[Sequence[str], str], object] = layers.probe_modules,
     hook_timeout: float | None = None,
 ) -> Outcome:
     """One pass over the engine's extension containers; see the module docstring."""

@@ -19,9 +19,6 @@ CONFIG_LIMIT = 4 << 20
 def read_json(path: str, what: str, limit: int = CONFIG_LIMIT) -> dict:
     """A JSON object from the regular file `path` (never through a final
     symlink, at most `limit` bytes); RuntimeFailure naming the file otherwise."""
-    from mobynit.core.errors import StoreError
-    from mobynit.core.store import read_file
-
     try:
         raw = read_file(path, limit)
     except StoreError as e:

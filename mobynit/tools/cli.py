@@ -11,15 +11,17 @@ from __future__ import annotations
 import os
 import sys
 
-from mobynit import DEFAULT_RECORD, DEFAULT_TARGET, DEFAULT_WORKDIR
-from mobynit.core.errors import MobynitError, UsageError
+from mobynit.core.errors import MobynitError, StoreError, UsageError
 from mobynit.core.options import Args, Command, Opt, overview, parse
+from mobynit.core.paths import DEFAULT_TARGET, DEFAULT_WORKDIR
+from mobynit.core.record import DEFAULT_RECORD
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from mobynit.core.assemble import Layout
+    from mobynit.core.cmdline import Cmdline
+    from mobynit.core.paths import StorePaths
     from mobynit.core.plan import Plan
 
 PROG = "mobynit"
@@ -94,20 +96,20 @@ def commands() -> list[Command]:
             cmd_index,
         ),
         Command("boot", "Assemble the root and prepare the handover (run by the initramfs /init as PID 1).",
-                [], "mobynit.initrd.boot:cmd_boot"),
+                [], "mobynit.tools.status:cmd_boot"),
         Command(
             "status", "Print the record of how this system was booted.",
             [Opt("--record", "FILE", f"the boot record (default: {DEFAULT_RECORD})", default=DEFAULT_RECORD),
              Opt("--json", None, "print the record as JSON", default=False)],
-            "mobynit.initrd.boot:cmd_status",
+            "mobynit.tools.status:cmd_status",
         ),
     ]
 
 
-def _layout(args: Args) -> Layout:
-    from mobynit.core.assemble import locate
+def _paths(args: Args) -> StorePaths:
+    from mobynit.core.paths import store_paths
 
-    return locate(
+    return store_paths(
         args.sysroot,
         getattr(args, "data", None),
         hostapp_store=args.hostapp_store,
@@ -116,13 +118,15 @@ def _layout(args: Args) -> Layout:
     )
 
 
-def _cmdline_text(args: Args) -> str:
+def _cmdline(args: Args) -> Cmdline:
+    from mobynit.core.cmdline import Cmdline
+
     if args.cmdline is not None:
-        return args.cmdline
+        return Cmdline(args.cmdline)
     path = args.cmdline_file or "/proc/cmdline"
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            return f.read()
+            return Cmdline(f.read())
     except OSError as e:
         raise UsageError(f"cannot read the kernel command line from {path}: {e.strerror}") from None
 
@@ -137,9 +141,8 @@ def _page_size(args: Args) -> int:
 
 def _plan(args: Args) -> Plan:
     from mobynit.core.assemble import make_plan, select
-    from mobynit.core.cmdline import Cmdline
 
-    sel = select(_layout(args), Cmdline(_cmdline_text(args)), args.kernel_release or os.uname().release)
+    sel = select(_paths(args), _cmdline(args), args.kernel_release or os.uname().release)
     return make_plan(sel, target=args.target, workdir=args.workdir, page_size=_page_size(args), layout=_layout_choice(args))
 
 
@@ -160,31 +163,12 @@ def cmd_plan(args: Args) -> int:
 
 
 def render(plan: Plan) -> str:
-    """The plan for people: decisions first, then the exact operations."""
-    from mobynit.core.errors import shown
-    from mobynit.core.model import OVERRIDE
+    """The plan for people: the decisions as boot states them, then the exact operations."""
+    from mobynit.core import render
+    from mobynit.core.record import BootRecord
 
-    h = plan.hostapp
-    out = [f"hostapp: {shown(h.name)} {h.id}"]
-    out += [f"  layer {layer.path}" for layer in h.layers]
-    if plan.disabled_by:
-        out.append(f"extensions: disabled by {shown(plan.disabled_by)}")
-    elif plan.disabled_reason:
-        out.append(f"extensions: {plan.disabled_reason}")
-    else:
-        out.append(f"extensions: {len(plan.decisions)} found, {len(plan.included)} included")
-    for d in plan.decisions:
-        name = shown(d.extension.name)
-        if d.position == OVERRIDE:
-            where = f"override {d.priority}" if d.priority is not None else "override (unranked)"
-        else:
-            where = "normal"
-        if d.included:
-            out.append(f"  + {name:<24} {where}")
-        else:
-            out.append(f"  - {name:<24} {where}: {d.reason}")
-        if d.warning:
-            out.append(f"    warning: {d.warning}")
+    out = render.selection(BootRecord.from_plan(plan))
+    out[1:1] = [f"  layer {layer.path}" for layer in plan.hostapp.layers]
     out.append(f"mounts (page size {plan.page_size}):")
     out += [f"  {op.describe()}" for op in plan.operations]
     return "\n".join(out) + "\n"
@@ -194,7 +178,7 @@ def cmd_mount(args: Args) -> int:
     from mobynit.core.assemble import make_plan, mount_plan, select
     from mobynit.core.cmdline import Cmdline
 
-    sel = select(_layout(args), Cmdline(""), os.uname().release, extensions=False)
+    sel = select(_paths(args), Cmdline(""), os.uname().release, extensions=False)
     target = args.target or f"/run/mobynit/hostapp/{sel.hostapp.id}"
     os.makedirs(target, exist_ok=True)
     mount_plan(sel, target=target, workdir=args.workdir, page_size=_page_size(args), log=lambda line: None)
@@ -203,7 +187,7 @@ def cmd_mount(args: Args) -> int:
 
 
 def cmd_assemble(args: Args) -> int:
-    from mobynit.core.assemble import assemble, write_record
+    from mobynit.core.assemble import assemble
 
     def log(line: str) -> None:
         if not args.quiet:
@@ -211,27 +195,22 @@ def cmd_assemble(args: Args) -> int:
 
     if not os.path.isdir(args.target):
         raise UsageError(f"target {args.target} is not a directory")
-    where = _layout(args)
     record = assemble(
-        sysroot=where.sysroot,
-        data=where.data,
+        _paths(args),
         target=args.target,
-        cmdline=_cmdline_text(args),
+        cmdline=_cmdline(args),
         kernel_release=args.kernel_release or os.uname().release,
         page_size=_page_size(args),
         workdir=args.workdir,
         log=log,
-        hostapp_store=where.hostapp_store,
-        data_store=where.data_store,
-        purge_marker=where.purge_marker,
         layout=_layout_choice(args),
         attempts_file=args.attempts,
     )
     if args.record:
         try:
-            write_record(args.record, record)
-        except OSError as e:
-            log(f"warning: cannot write the record {args.record}: {e.strerror}")
+            record.write(args.record)
+        except StoreError as e:
+            log(f"warning: cannot write the record: {e}")
     return 0
 
 
@@ -244,8 +223,8 @@ def cmd_confirm(args: Args) -> int:
     if now != previous:
         try:
             attempts.write(path, now)
-        except OSError as e:
-            raise MobynitError(f"cannot record the confirmation in {path}: {e.strerror}") from None
+        except StoreError as e:
+            raise MobynitError(f"cannot record the confirmation: {e}") from None
     print(f"{PROG}: {message}")
     return 0
 
@@ -254,7 +233,7 @@ def cmd_index(args: Args) -> int:
     """Walk every layer of the hostapp and of each readable extension once."""
     from mobynit.core.assemble import index_stores
 
-    written, total = index_stores(_layout(args), args.kernel_release or os.uname().release, force=args.force)
+    written, total = index_stores(_paths(args), args.kernel_release or os.uname().release, force=args.force)
     print(f"{written} of {total} layers indexed")
     return 0
 
