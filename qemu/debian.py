@@ -27,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness.device import OVERLAY_CLASS, Device, ExtensionSpec, Layer, build_scratch_images
-from harness.engine import Engine
-from harness.rootfs import File, Symlink
+from tests.harness.device import OVERLAY_CLASS, Device, ExtensionSpec, Layer, build_scratch_images
+from tests.harness.engine import Engine
+from tests.harness.rootfs import File, Symlink
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.device import OVERLAY_CLASS, Device, ExtensionSpec, HostappSpec, Layer, build_device
-from harness.rootfs import File
+from tests.harness.device import OVERLAY_CLASS, Device, ExtensionSpec, HostappSpec, Layer, build_device
+from tests.harness.rootfs import File
 
 from qemu.disk import Disk, device_disk
 

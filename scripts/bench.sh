@@ -3,4 +3,4 @@
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/setup.sh
-exec .venv/bin/python bench/bench.py "$@"
+exec .venv/bin/python -m tests.bench "$@"

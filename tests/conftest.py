@@ -1,4 +1,9 @@
-"""Session-wide test set-up: private mount namespaces and the real-engine devices.
+"""Session-wide test set-up: kinds, private mount namespaces and the real-engine devices.
+
+Tests live by kind, and each is marked with its folder's name, so `-m unit`
+(or `pytest tests/unit`) picks the fast ones: unit (no engine, no machine),
+engine (stores written by the real engine), boot (QEMU machines and the
+pieces that build them), fuzz (hypothesis against hostile stores).
 
 The whole pytest process moves into a private mount namespace at start, so no
 mount can reach the host even if a test crashes; every test then runs in its
@@ -16,13 +21,19 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # the harness package lives beside mobynit, not installed
+from tests.harness import device as devices
+from tests.harness import engine as engines
+from tests.harness import mounts
 
-from harness import device as devices  # noqa: E402
-from harness import engine as engines  # noqa: E402
-from harness import mounts  # noqa: E402
+
+KINDS = ("unit", "engine", "boot", "fuzz")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        kind = item.path.parent.name
+        if kind in KINDS:
+            item.add_marker(kind)
 
 
 def pytest_configure(config: pytest.Config) -> None:

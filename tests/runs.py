@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from harness import mounts
+from tests.harness import mounts
 from mobynit.core import syscalls
 
 ABI = "balena_kernel_abi"

@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.device import Device, build_device
+from tests.harness.device import Device, build_device
 from qemu import debian, devices, disk, kernel, runner
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache"
 LOGS = REPO / "build" / "boot-logs"
 BASE_CMDLINE = "console=ttyS0 root=LABEL=resin-rootA"

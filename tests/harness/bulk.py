@@ -14,8 +14,8 @@ from pathlib import Path
 
 import attrs
 
-from harness.device import OVERLAY_CLASS, Device, HostappSpec, Layer, build_device, load_images
-from harness.engine import Engine
+from tests.harness.device import OVERLAY_CLASS, Device, HostappSpec, Layer, build_device, load_images
+from tests.harness.engine import Engine
 
 
 @attrs.frozen

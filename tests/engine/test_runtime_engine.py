@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.engine import Engine, EngineError
-from harness.rootfs import File
+from tests.harness.engine import Engine, EngineError
+from tests.harness.rootfs import File
 from mobynit.runtime import cli
 
 pytestmark = pytest.mark.engine

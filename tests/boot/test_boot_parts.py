@@ -227,7 +227,7 @@ def test_boot_closure_is_lean():
 
 @pytest.fixture(scope="module")
 def kernel_modules():
-    from tests.boot_kit import CACHE
+    from tests.boot.kit import CACHE
     from qemu import kernel
 
     return kernel.fetch(CACHE / "kernel").modules
@@ -274,7 +274,7 @@ def test_initramfs_runs_the_boot_imports_in_a_chroot(kernel_modules, tmp_path):
 def _status(*args: str) -> subprocess.CompletedProcess:
     import sys
 
-    from tests.boot_kit import REPO
+    from tests.boot.kit import REPO
 
     return subprocess.run([sys.executable, "-m", "mobynit", "status", *args], capture_output=True, text=True, cwd=REPO)
 

@@ -61,8 +61,8 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from harness import mounts
-from harness.device import KERNEL_RELEASE, StandardDevice, copy_device
+from tests.harness import mounts
+from tests.harness.device import KERNEL_RELEASE, StandardDevice, copy_device
 from mobynit.tools import cli
 from mobynit.core import syscalls
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import mounts
+from tests.harness import mounts
 from mobynit.core import syscalls
 from tests.runs import ABI, assembled, by_name, layout_args, mobynit, plan, read
 

@@ -49,8 +49,8 @@ from typing import Literal
 
 import attrs
 
-from harness.engine import Engine
-from harness.rootfs import Dir, File, FileSpec, Symlink, busybox_tree, write_files
+from tests.harness.engine import Engine
+from tests.harness.rootfs import Dir, File, FileSpec, Symlink, busybox_tree, write_files
 
 OVERLAY_CLASS = {"io.balena.image.class": "overlay"}
 MARKER = "remove_me_to_reset"

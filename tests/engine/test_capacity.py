@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.bulk import build_bulk_device
+from tests.harness.bulk import build_bulk_device
 from mobynit.core.plan import lowerdir_plus_supported
 from tests.runs import assembled, mobynit, plan
 
@@ -48,7 +48,7 @@ def bulk498(bulk, tmp_path: Path):
     extensions make exactly overlayfs's 500 lower layers."""
     import shutil
 
-    from harness.device import copy_device
+    from tests.harness.device import copy_device
 
     dev = copy_device(bulk, tmp_path / "copy")
     for name in ("ext-0498", "ext-0499"):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import boot_kit
-from tests.boot_kit import boot_record, files
+from tests.boot import kit as boot_kit
+from tests.boot.kit import boot_record, files
 
 pytestmark = pytest.mark.boot
 

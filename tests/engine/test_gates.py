@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.device import OVERLAY_CLASS, ExtensionSpec, HostappSpec, Layer, build_device
+from tests.harness.device import OVERLAY_CLASS, ExtensionSpec, HostappSpec, Layer, build_device
 from mobynit.core.compat import host_architecture
 from tests.runs import assembled, by_name, plan
 

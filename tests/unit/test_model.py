@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builders import container, extension, hostapp
+from tests.builders import container, extension, hostapp
 from mobynit.core.errors import shown
 from mobynit.core.model import Container, Decision, KernelModules, Layer, Record
 
@@ -182,5 +182,5 @@ for bad in ('{', '{"a": 1} x', '', '[1,]', '{"a" 1}', b'\xff', '\ufeff{}'):
 print("ok")
 '''
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parent.parent)})
+                         env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).resolve().parents[2])})
     assert out.stdout == "ok\n", out.stderr

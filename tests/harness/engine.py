@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from harness import mounts
+from tests.harness import mounts
 from mobynit.runtime.engine import UnixConnection
 
 DOCKERD = "/usr/sbin/dockerd"
@@ -397,7 +397,7 @@ class Engine:
         (tag, dockerfile, files) as for build(). Processes, not threads: the test
         process must stay single-threaded for unshare(CLONE_NEWNS).
         """
-        from harness.rootfs import write_files
+        from tests.harness.rootfs import write_files
 
         todo = list(enumerate(builds))
         results: dict[int, str] = {}

@@ -345,5 +345,5 @@ def test_importing_compat_stays_cheap() -> None:
         "print(' '.join(m for m in ('re', 'fnmatch', 'typing', 'attrs', 'shlex', 'json') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONPATH": str(__import__("pathlib").Path(compat.__file__).parent.parent)})
+                         env={"PYTHONPATH": str(__import__("pathlib").Path(compat.__file__).parents[2])})
     assert out.stdout.strip() == ""

@@ -32,8 +32,8 @@ import pytest
 
 from mobynit.core import attempts
 from qemu import disk, runner
-from tests import boot_kit
-from tests.boot_kit import boot_record, files
+from tests.boot import kit as boot_kit
+from tests.boot.kit import boot_record, files
 
 pytestmark = pytest.mark.boot
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from builders import extension, modules
+from tests.builders import extension, modules
 from mobynit.core import policy
 from mobynit.core import labels as label
 from mobynit.core.model import NORMAL, OVERRIDE, KernelModules

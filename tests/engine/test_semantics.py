@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.device import ExtensionSpec, HostappSpec, Layer, build_device
+from tests.harness.device import ExtensionSpec, HostappSpec, Layer, build_device
 from tests.runs import assembled, read
 
 pytestmark = pytest.mark.engine

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import builders
-from builders import extension, hostapp
+from tests import builders
+from tests.builders import extension, hostapp
 from mobynit.core import plan as planner
 from mobynit.core import policy
 from mobynit.core.model import OVERRIDE, Container, Decision

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.device import set_state
-from harness.engine import Engine, EngineError
-from harness.rootfs import File
+from tests.harness.device import set_state
+from tests.harness.engine import Engine, EngineError
+from tests.harness.rootfs import File
 from mobynit.runtime import cli
 
 pytestmark = pytest.mark.engine

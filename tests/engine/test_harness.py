@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import device as devices
-from harness import mounts
-from harness.engine import Engine, EngineError
-from harness.rootfs import busybox_tree
+from tests.harness import device as devices
+from tests.harness import mounts
+from tests.harness.engine import Engine, EngineError
+from tests.harness.rootfs import busybox_tree
 from mobynit.core import syscalls
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -306,7 +306,7 @@ def test_two_engines_at_once(tmp_path: Path) -> None:
 
 
 def test_engine_runs_containers_and_stop_reaps_them(tmp_path: Path) -> None:
-    from harness.engine import _alive
+    from tests.harness.engine import _alive
 
     engine = Engine(tmp_path / "root").start()
     try:

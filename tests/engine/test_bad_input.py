@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.runs import assembled, by_name, mobynit, plan, read
-from tests.test_assemble import INCLUDED
+from tests.engine.test_assemble import INCLUDED
 
 pytestmark = pytest.mark.engine
 

@@ -210,11 +210,11 @@ def test_whiteout_reaching_below_forces_nested(hostile_indexed) -> None:
 
 @pytest.fixture
 def hostile_indexed(hostile, tmp_path: Path):
-    from harness.device import copy_device
+    from tests.harness.device import copy_device
 
     dev = copy_device(hostile, tmp_path / "copy")
     mobynit("index", "--sysroot", str(dev.sysroot), "--data", str(dev.data))
     return dev
 
 
-from tests.test_semantics import hostile  # noqa: E402,F401  (the module-scoped device with hostile whiteouts)
+from tests.engine.test_semantics import hostile  # noqa: E402,F401  (the module-scoped device with hostile whiteouts)

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from harness.device import build_device
-from harness.engine import Engine
-from harness.rootfs import File
+from tests.harness.device import build_device
+from tests.harness.engine import Engine
+from tests.harness.rootfs import File
 from mobynit.runtime import cli
 from qemu import devices, disk, runner
-from tests import boot_kit
+from tests.boot import kit as boot_kit
 
 pytestmark = [pytest.mark.engine, pytest.mark.boot]
 

@@ -5,7 +5,7 @@ the initramfs: Debian's interpreter, no site, bytecode precompiled) in this
 script's private mount namespace, with the work directory on a tmpfs as
 /run is at boot; the root it mounts is detached after each run.
 
-    sudo sh scripts/bench.sh            # or: .venv/bin/python bench/bench.py [--runs N]
+    sh scripts/bench.sh            # or: .venv/bin/python -m tests.bench [--runs N]
 
 Stores are built once and cached under .cache/bench/ (delete it to rebuild).
 """
@@ -22,11 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from mobynit.core import syscalls
+from tests.harness import bulk
 
-from harness import bulk  # noqa: E402
-from mobynit.core import syscalls  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 PYTHON = "/usr/bin/python3.11"
 CACHE = REPO / ".cache" / "bench"
