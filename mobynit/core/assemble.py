@@ -9,6 +9,7 @@ without the culprit. Only the hostapp can make it fail (HostappError).
 from __future__ import annotations
 
 import os
+import stat
 import time
 
 from mobynit.core import labels as label
@@ -46,9 +47,31 @@ def find_extensions(where: StorePaths, cmdline: Cmdline, kernel_release: str) ->
         return [], None, "no data partition given: hostapp only"
     if not os.path.isdir(where.data):
         return [], None, f"data partition not found at {where.data}: hostapp only"
-    if where.purge_marker and not os.path.lexists(where.purge_marker):
-        return [], None, f"{where.purge_marker} is missing (a data reset is pending): extensions not overlaid"
+    problem = _marker_problem(where.purge_marker) if where.purge_marker else None
+    if problem is not None:
+        return [], None, f"{where.purge_marker} {problem} (a data reset may be pending): extensions not overlaid"
     return Store(where.data_store).scan(label.is_extension, kernel_release), None, None
+
+
+def _marker_problem(path: str) -> str | None:
+    """Why the purge marker does not count as present, or None when it does.
+
+    The data partition is wiped at the next boot when its marker is gone; only
+    a regular file vouches that it is not. A symlink (dangling or not) or
+    anything else in its place counts as missing: extensions stay off rather
+    than being overlaid from a partition about to be reset (docs/decisions.md).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be checked ({e.strerror})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink, not the marker file"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    return None
 
 
 class Selection(Record):
