@@ -103,7 +103,7 @@ def test_boot_record_and_console_lines(booted):
     assert record["extensions"] == []
     boot = record["boot"]
     assert boot["init"] == "/sbin/init"
-    assert boot["root"] == {"spec": "LABEL=resin-rootA", "device": "/dev/vda1", "fstype": "ext4"}
+    assert boot["root"] == {"spec": "LABEL=resin-rootA", "device": "/dev/vda1", "fstype": "ext4", "reason": None}
     assert boot["init_start"] <= boot["python_start"] <= boot["handover"]
     assert set(boot["phases"]) >= {"wait_root", "mount_root", "wait_data", "mount_data", "assemble", "move_mounts"}
     said = res.console.mobynit()
@@ -229,7 +229,7 @@ def test_switch_disables_extensions(booted, scenario: str):
     record = boot_record(res)
     assert record["disabled_by"] == scenario
     # The data partition was not even mounted.
-    assert record["boot"]["data"] == {"spec": "LABEL=resin-data", "device": None,
+    assert record["boot"]["data"] == {"spec": "LABEL=resin-data", "device": None, "fstype": None,
                                       "reason": f"extensions disabled by {scenario}"}
     assert "wait_data" not in record["boot"]["phases"]
 

@@ -935,7 +935,8 @@ def check_text(text: str, doc: dict) -> None:
     for line in lines:
         assert line.isprintable(), repr(line)
     head = next(i for i, line in enumerate(lines) if line.startswith("mounts"))
-    expected = 1 + len(doc["hostapp"]["layers"]) + 1 + sum(1 + ("warning" in e) for e in doc["extensions"])
+    layout = any(e["included"] for e in doc["extensions"])  # the layout line, when the root holds extensions
+    expected = 1 + len(doc["hostapp"]["layers"]) + 1 + sum(1 + ("warning" in e) for e in doc["extensions"]) + layout
     assert head == expected, text
 
 
