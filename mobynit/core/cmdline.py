@@ -8,7 +8,7 @@ whether it is on.
 
 from __future__ import annotations
 
-# Parameters that turn extensions off, oldest first (seed 000, 2021, 2026).
+# Parameters that turn extensions off, oldest first (docs/decisions.md).
 EXTENSION_SWITCHES = ("balena.nohostext", "balena.disable_overlays", "mobynit.no_overlays")
 TRUE_WORDS = frozenset(("1", "y", "yes", "true", "on"))
 FALSE_WORDS = frozenset(("0", "n", "no", "false", "off"))

@@ -22,6 +22,10 @@ carries all options in one page, so layers are named by short relative names
 (links in a directory of ours for flat, the store's `l/` links for each
 image, mount point numbers for the nested root), which fits 500 layers in
 a 4 KiB page.
+
+At over 400 lines this module is long on purpose: the operations, the mount
+order and the planner share their names and limits, and the planner is only
+readable beside the operations it emits.
 """
 
 from __future__ import annotations

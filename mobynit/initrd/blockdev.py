@@ -143,6 +143,12 @@ def partition_uuid(disk: str, number: int, sector: int = 512) -> str | None:
     return _guid_str(entry[16:32])
 
 
+def is_block_event(msg: bytes) -> bool:
+    """Whether a kernel uevent (`action@devpath`, then NUL-terminated KEY=value
+    fields) concerns a block device: its SUBSYSTEM field is `block`."""
+    return b"\0SUBSYSTEM=block\0" in msg
+
+
 class UeventWaiter:
     """Sleeps until the kernel announces a block device (or the deadline).
 
@@ -171,7 +177,7 @@ class UeventWaiter:
                 return False
             msg = self.sock.recv(1 << 16)
             self.events += 1
-            if b"\0SUBSYSTEM=block\0" in msg:
+            if is_block_event(msg):
                 return True
 
     def close(self) -> None:

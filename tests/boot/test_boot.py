@@ -156,7 +156,7 @@ def test_extensions_add_files_and_overrides_replace(booted):
 
 @uses("extensions", "flat")
 def test_an_indexed_device_boots_a_flat_root_with_the_same_files(booted):
-    """Issue 4 in the guest: the layers' facts let boot mount one overlay of every
+    """In the guest: the layers' facts let boot mount one overlay of every
     layer (stacking depth 1; Linux 6.1 has no lowerdir+, so mount(2) with short
     links), and the booted system sees exactly what the nested root shows."""
     flat, nested = booted("flat"), booted("extensions")

@@ -1,7 +1,7 @@
 """Devices with hundreds of extensions, built fast with the real engine.
 
 `docker build` per extension takes about half a second; for 500 extensions
-(the overlayfs layer limit, issue 4) the images are instead written as one
+(the overlayfs layer limit) the images are instead written as one
 docker-archive and loaded with a single `docker load` (harness.device.load_images),
 then created through the engine's API. The engine still writes every byte of the store.
 """

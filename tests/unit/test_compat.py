@@ -190,7 +190,7 @@ def test_reasons_say_what_differs() -> None:
 
 
 def test_parsed_release_files_from_the_seeds() -> None:
-    """The Kairos example (seed 004): ID and VERSION_ID must both match the host."""
+    """A Kairos-style extension-release: ID and VERSION_ID must both match the host."""
     ext = parse_os_release("ID=kairos\nVERSION_ID=v1.0.0\n")
     host = parse_os_release('NAME="Kairos"\nID=kairos\nVERSION_ID="v1.0.0"\n')
     assert sysext_verdict("kubo", ext, host, ARCH) is None
