@@ -46,6 +46,8 @@ MUTANTS = [
            "running = kernel_release"),
     Mutant("kernel-abi-token-ignored", "mobynit/core/policy.py", "if abi_token is not None and abi_token != computed:",
            "if abi_token is not None and abi_token == computed:"),
+    Mutant("kernel-abi-unverified-kept", "mobynit/core/policy.py", "    if abi_token is None:\n        if unverified_ok:",
+           "    if abi_token is None:\n        if True:"),
     Mutant("kernel-no-symvers-kept", "mobynit/core/policy.py", "if modules.symvers_sha256 is None:",
            "if modules.symvers_sha256 == 'never':"),
     # the command-line switches

@@ -35,16 +35,20 @@ class Host(Record):
 
 
 def kernel_verdict(
-    labels: Mapping[str, str], modules: KernelModules | None, kernel_release: str, abi_token: str | None
+    labels: Mapping[str, str], modules: KernelModules | None, kernel_release: str, abi_token: str | None,
+    *, unverified_ok: bool = False,
 ) -> str | None:
     """Why this extension does not suit the running kernel, or None if it does.
 
     The kernel-version label must equal the release cut at its first "-".
     The ABI check applies only to an extension that ships modules for the
     running release: those need a Module.symvers, whose sha256 is the
-    extension's ABI id; a kernel-abi-id label must agree with it, and so must
-    `balena_kernel_abi=` on the command line when it is given. Modules for
-    other releases are never loaded, so they cannot hurt and do not count.
+    extension's ABI id; a kernel-abi-id label must agree with it, and
+    `balena_kernel_abi=` on the command line must name it. Without that
+    parameter the ABI cannot be checked and the extension stays out (fail
+    closed), unless `unverified_ok` (the manager: an extension that cannot be
+    checked today is not proved stale). Modules for other releases are never
+    loaded, so they cannot hurt and do not count.
     """
     wanted = labels.get(label.KERNEL_VERSION)
     running = kernel_release.partition("-")[0]
@@ -58,7 +62,13 @@ def kernel_verdict(
     claimed = labels.get(label.KERNEL_ABI)
     if claimed is not None and claimed != computed:
         return f"label {label.KERNEL_ABI}={shown(claimed, 70)} disagrees with its Module.symvers (sha256 {computed})"
-    if abi_token is not None and abi_token != computed:
+    if abi_token is None:
+        if unverified_ok:
+            return None
+        return (f"ships modules for {modules.release} whose ABI cannot be checked: no {CMDLINE_ABI}= on the kernel"
+                f" command line (add {CMDLINE_ABI}=<sha256 of the running kernel's Module.symvers>; this"
+                f" extension's is {computed})")
+    if abi_token != computed:
         return f"kernel ABI {computed} does not match the running kernel's {CMDLINE_ABI}={shown(abi_token, 70)}"
     return None
 

@@ -247,7 +247,10 @@ def test_abi_token_must_match_module_symvers(device) -> None:
     assert not found["ext-abi"]["included"]
     assert ABI in found["ext-abi"]["reason"] and device.abi_id in found["ext-abi"]["reason"]
     assert by_name(plan(device, f"{ABI}={device.abi_id}"))["ext-abi"]["included"]
-    assert by_name(plan(device, ""))["ext-abi"]["included"], "no token on the command line: nothing to compare"
+    # No token on the command line: the ABI cannot be checked, and the extension stays out.
+    unchecked = by_name(plan(device, ""))["ext-abi"]
+    assert not unchecked["included"], "an ABI that cannot be checked must fail closed"
+    assert f"no {ABI}= on the kernel command line" in unchecked["reason"] and device.abi_id in unchecked["reason"]
 
 
 # --- page size ----------------------------------------------------------------------------

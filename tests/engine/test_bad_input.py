@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.runs import assembled, by_name, mobynit, plan, read
+from tests.runs import ABI, assembled, by_name, mobynit, plan, read
 from tests.engine.test_assemble import INCLUDED
 
 pytestmark = pytest.mark.engine
@@ -114,14 +114,15 @@ def test_broken_extension_is_skipped_with_a_reason(device_copy, tmp_path: Path, 
     victim = Target(device_copy.data / "docker", device_copy.extensions["ext-normal"])
     named = culprit(victim)
     corrupt(victim, tmp_path)
-    doc = plan(device_copy)
+    token = f"{ABI}={device_copy.abi_id}"  # the ABI of ext-abi's modules can be checked: it stays in
+    doc = plan(device_copy, token)
     entries = [e for e in doc["extensions"] if not e["included"] and _reason_names(e.get("reason", ""), named)]
     assert len(entries) == 1, f"no single skipped entry names {named}: {doc['extensions']}"
     reason = entries[0]["reason"]
     assert "\n" not in reason
     assert {e["name"] for e in doc["extensions"] if e["included"]} == INCLUDED - {"ext-normal"}
     _assert_mounts_stay_in_stores(doc, device_copy)
-    with assembled(device_copy, tmp_path) as (root, record, stderr):
+    with assembled(device_copy, tmp_path, token) as (root, record, stderr):
         assert read(root, "etc/hostapp-file") == "override5\n"
         assert not (root / "usr/share/ext-normal").exists()
         assert read(root, "usr/share/ext-override/hello")

@@ -86,8 +86,16 @@ def test_modules_without_symvers_are_dropped() -> None:
     assert RELEASE in reason
 
 
-def test_modules_with_symvers_and_nothing_to_compare_pass() -> None:
-    assert policy.kernel_verdict({}, modules(RELEASE, SYMVERS), RELEASE, None) is None
+def test_modules_whose_abi_cannot_be_checked_stay_out() -> None:
+    # No balena_kernel_abi= on the command line: the ABI is unverifiable, and the
+    # extension is refused (fail closed) with what to put on the command line.
+    reason = policy.kernel_verdict({}, modules(RELEASE, SYMVERS), RELEASE, None)
+    assert reason is not None and f"no {policy.CMDLINE_ABI}=" in reason and ABI in reason
+    assert policy.kernel_verdict({label.KERNEL_ABI: ABI}, modules(RELEASE, SYMVERS), RELEASE, None) is not None
+    # The manager's question differs: unverifiable today is not proved stale.
+    assert policy.kernel_verdict({}, modules(RELEASE, SYMVERS), RELEASE, None, unverified_ok=True) is None
+    # Without modules for the running kernel there is nothing to check.
+    assert policy.kernel_verdict({}, None, RELEASE, None) is None
 
 
 def test_abi_label_agreeing_with_computed_passes() -> None:
