@@ -16,6 +16,7 @@ Every failure raises StoreError with a sentence naming the file.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -145,3 +146,93 @@ def fsync_dir(path: str) -> None:
         raise StoreError(f"{path}: cannot sync the directory: {e.strerror}") from None
     finally:
         os.close(fd)
+
+
+# --- relative to an open directory ------------------------------------------------------
+#
+# What lives under a root we own (the runtime's state) is reached through the
+# descriptor of a directory opened with O_NOFOLLOW|O_DIRECTORY: a symlink
+# planted anywhere below it is refused or removed, never followed.
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_dir(name: str, dir_fd: int | None = None, display: str | None = None) -> int:
+    """A real directory's descriptor (never through a final symlink); StoreError otherwise."""
+    shown = display or name
+    try:
+        return os.open(name, _O_DIR, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise StoreError(f"{shown}: missing") from None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StoreError(f"{shown}: not a directory (a symlink or a file), not followed") from None
+        raise StoreError(f"{shown}: cannot open the directory: {e.strerror}") from None
+
+
+def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644, display: str | None = None) -> None:
+    """`write_atomic` for the entry `name` of the open directory `dir_fd`.
+
+    The temporary is created with O_EXCL|O_NOFOLLOW beside the target; a stale
+    one of ours (same pid) is removed first, whatever it is, never reused.
+    """
+    shown = display or name
+    tmp = f"{name}.{os.getpid()}.tmp"
+    try:
+        fd = os.open(tmp, _O_TEMP, mode, dir_fd=dir_fd)
+    except FileExistsError:
+        remove_at(dir_fd, tmp, f"{shown}.{os.getpid()}.tmp")
+        try:
+            fd = os.open(tmp, _O_TEMP, mode, dir_fd=dir_fd)
+        except OSError as e:
+            raise StoreError(f"{shown}.{os.getpid()}.tmp: cannot create: {e.strerror}") from None
+    except OSError as e:
+        raise StoreError(f"{shown}.{os.getpid()}.tmp: cannot create: {e.strerror}") from None
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as e:
+        if fd >= 0:
+            os.close(fd)
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise StoreError(f"{shown}: cannot write: {e.strerror}") from None
+    try:
+        os.fsync(dir_fd)
+    except OSError as e:
+        raise StoreError(f"{shown}: cannot sync its directory: {e.strerror}") from None
+
+
+def remove_at(dir_fd: int, name: str, display: str | None = None) -> bool:
+    """Remove the entry `name` of `dir_fd`, whatever it is; False if there was none.
+
+    A symlink is unlinked (its target untouched); a directory is removed with
+    everything in it, descriptor-relative all the way down (shutil.rmtree's
+    fd-based walk never follows a symlink).
+    """
+    import shutil
+
+    shown = display or name
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise StoreError(f"{shown}: {e.strerror}") from None
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise StoreError(f"{shown}: cannot remove: {e.strerror}") from None
+    return True
