@@ -239,8 +239,15 @@ class StateDir:
         except OSError as e:
             raise RuntimeFailure(f"cannot create the state directory {self.dir}: {e.strerror}") from None
         fd = self._open_dir()
-        if fd is None:
-            raise RuntimeFailure(f"{self.dir} is not a directory (a symlink or a file), not followed")
+        if fd is None:  # a symlink or file planted at our name, with no state: replaced, never followed
+            self._remove(self.id)
+            try:
+                os.mkdir(self.id, 0o711, dir_fd=self.root_fd)
+            except OSError as e:
+                raise RuntimeFailure(f"cannot create the state directory {self.dir}: {e.strerror}") from None
+            fd = self._open_dir()
+            if fd is None:
+                raise RuntimeFailure(f"{self.dir} keeps being replaced by something other than a directory")
         try:
             write_atomic_at(fd, "state.json", state.to_json(), display=self.state_path)
         except StoreError as e:
