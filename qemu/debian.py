@@ -166,6 +166,10 @@ def build(workdir: Path, cache: Path) -> Device:
         (staged / ".complete").unlink()
         for d in EXTRA_DIRS:
             (staged / d).mkdir(parents=True, exist_ok=True)
+        # The engine starts when something wants it (the cleanup unit, the probe, its socket), not as
+        # part of multi-user.target: the target is not held up by it.
+        for unit in ("docker.service", "containerd.service"):
+            (staged / "etc/systemd/system/multi-user.target.wants" / unit).unlink(missing_ok=True)
         host = Engine(sysroot / "balena")
         ext = Engine(data / "docker")
         try:
