@@ -17,6 +17,15 @@ an fstab line that mounts the data partition at /mnt/data. The probe runs
 after the confirmation and reports it: `confirm` (the unit's state and
 result), `confirm-said` (its output) and `attempts` (the state file as
 confirm left it).
+
+The hostapp also runs the engine (Debian's docker.io, its data-root the data
+partition's store) with the extension runtime registered by
+docs/examples/extension-runtime.conf, and the manager's cleanup after the
+confirmation (docs/examples/mobynit-extension-cleanup.service). The probe
+reports `runtimes` (what the engine registered), `ext-run` (an extension run
+with `--runtime extension` in the booted system: its exit code and hook
+output), `cleanup` and `cleanup-said` (the cleanup unit and what it removed),
+and `containers` (what is left in the store).
 """
 
 from __future__ import annotations
@@ -33,9 +42,11 @@ from tests.harness.rootfs import File, Symlink
 
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-INCLUDE = ("systemd", "systemd-sysv", "udev", "python3")
+INCLUDE = ("systemd", "systemd-sysv", "udev", "python3", "python3-attr", "docker.io")
 PACKAGE = Path(__file__).resolve().parent.parent / "mobynit"  # installed into the hostapp, for `mobynit status`
 CONFIRM_UNIT = PACKAGE.parent / "docs" / "examples" / "mobynit-confirm.service"
+RUNTIME_DROPIN = PACKAGE.parent / "docs" / "examples" / "extension-runtime.conf"
+CLEANUP_UNIT = PACKAGE.parent / "docs" / "examples" / "mobynit-extension-cleanup.service"
 EXTRA_DIRS = ("mnt/sysroot/active", "mnt/data")
 
 PROBE = r"""#!/bin/sh
@@ -52,6 +63,16 @@ confirm=mobynit-confirm.service state=/mnt/data/mobynit/boot-attempts.json
 mark confirm "$(systemctl show -P ActiveState $confirm) $(systemctl show -P Result $confirm)"
 journalctl -b -o cat -u $confirm | grep '^mobynit: ' | while IFS= read -r line; do mark confirm-said "$line"; done
 if [ -f $state ]; then mark attempts "$(tr -d '\n' < $state)"; else mark attempts none; fi
+mark runtimes "$(docker info --format '{{json .Runtimes.extension}}' 2>&1)"
+image=$(docker inspect -f '{{.Image}}' debian-ext 2>&1)
+# (no apparmor_parser in this hostapp: the engine cannot load its default profile)
+out=$(docker run --name probe-ext --runtime extension --security-opt apparmor=unconfined "$image" /never-run 2>&1)
+mark ext-run "$? $(docker inspect -f '{{.State.ExitCode}}' probe-ext 2>&1) $(echo $out | tr '\n' ' ')"
+docker rm probe-ext > /dev/null 2>&1
+cleanup=mobynit-extension-cleanup.service
+mark cleanup "$(systemctl show -P ActiveState $cleanup) $(systemctl show -P Result $cleanup)"
+journalctl -b -o cat -u $cleanup | grep -e '^mobynit-extension-manager: ' | while IFS= read -r line; do mark cleanup-said "$line"; done
+mark containers "$(docker ps -a --format '{{.Names}}' | sort | tr '\n' ' ')"
 for f in /usr/share/debian-ext/hello /etc/debian-probe; do
     [ -f "$f" ] && mark file "$f $(head -n 1 "$f")"
 done
@@ -66,6 +87,24 @@ import sys
 from mobynit.tools.cli import main
 sys.exit(main())
 """
+# The runtime's and the manager's, under our names and the Go tool's.
+RUNTIME_COMMAND = """#!/usr/bin/python3
+import sys
+from mobynit.runtime.cli import main
+sys.exit(main())
+"""
+MANAGER_COMMAND = """#!/usr/bin/python3
+import sys
+from mobynit.runtime.manager import main
+sys.exit(main())
+"""
+# The engine's own options on the hostapp: its store is the data partition's (as balenaOS
+# bind-mounts it on /var/lib/docker), no networking to set up in the test machine.
+DOCKER_DEFAULTS = 'DOCKER_OPTS="--data-root /mnt/data/docker --storage-driver overlay2 --bridge=none --iptables=false"\n'
+DOCKER_NEEDS_DATA = "[Unit]\nRequiresMountsFor=/mnt/data\n"
+# The root is read-only: the engine's trust key goes to /run (the only thing in its config), and
+# Debian's system containerd (its root in /var/lib) is masked: dockerd runs its own, in its data-root.
+DOCKER_CONFIG = '{"deprecated-key-path": "/run/docker-key.json"}\n'
 
 # The data partition where the booted system expects it (mnt-data.mount, which
 # mobynit-confirm.service requires); fsck is left to the OS (pass 0).
@@ -73,7 +112,7 @@ FSTAB = "LABEL=resin-data /mnt/data ext4 nosuid,nodev 0 0\n"
 
 UNIT = """[Unit]
 Description=mobynit boot test probe
-After=multi-user.target mobynit-confirm.service
+After=multi-user.target mobynit-confirm.service mobynit-extension-cleanup.service docker.service
 
 [Service]
 Type=oneshot
@@ -127,6 +166,10 @@ def build(workdir: Path, cache: Path) -> Device:
         (staged / ".complete").unlink()
         for d in EXTRA_DIRS:
             (staged / d).mkdir(parents=True, exist_ok=True)
+        # The engine starts when something wants it (the cleanup unit, the probe, its socket), not as
+        # part of multi-user.target: the target is not held up by it.
+        for unit in ("docker.service", "containerd.service"):
+            (staged / "etc/systemd/system/multi-user.target.wants" / unit).unlink(missing_ok=True)
         host = Engine(sysroot / "balena")
         ext = Engine(data / "docker")
         try:
@@ -146,6 +189,18 @@ def build(workdir: Path, cache: Path) -> Device:
                 "probe/etc/systemd/system/mobynit-confirm.service": CONFIRM_UNIT.read_text(),
                 "probe/etc/systemd/system/multi-user.target.wants/mobynit-confirm.service":
                     Symlink("../mobynit-confirm.service"),
+                "probe/etc/systemd/system/docker.service.d/extension-runtime.conf": RUNTIME_DROPIN.read_text(),
+                "probe/etc/systemd/system/docker.service.d/data.conf": DOCKER_NEEDS_DATA,
+                "probe/etc/default/docker": DOCKER_DEFAULTS,
+                "probe/etc/docker/daemon.json": DOCKER_CONFIG,
+                "probe/etc/systemd/system/containerd.service": Symlink("/dev/null"),
+                "probe/etc/systemd/system/mobynit-extension-cleanup.service": CLEANUP_UNIT.read_text(),
+                "probe/etc/systemd/system/multi-user.target.wants/mobynit-extension-cleanup.service":
+                    Symlink("../mobynit-extension-cleanup.service"),
+                "probe/usr/bin/balena-extension-runtime": File(RUNTIME_COMMAND, 0o755),
+                "probe/usr/bin/mobynit-runtime": File(RUNTIME_COMMAND, 0o755),
+                "probe/usr/bin/balena-extension-manager": File(RUNTIME_COMMAND, 0o755),
+                "probe/usr/bin/mobynit-extension-manager": File(MANAGER_COMMAND, 0o755),
             }
             for src in sorted(PACKAGE.rglob("*.py")):
                 rel = src.relative_to(PACKAGE)
@@ -157,7 +212,14 @@ def build(workdir: Path, cache: Path) -> Device:
                 layers=(Layer(files={"usr/share/debian-ext/hello": "hello from a Debian extension\n"}),),
                 labels=dict(OVERLAY_CLASS),
             )
-            ext_id = ext.create(build_scratch_images(ext, [spec])["debian-ext"], "debian-ext")
+            stale = ExtensionSpec(  # Debian 12 is running: the cleanup after the confirmed boot removes it
+                name="debian-stale",
+                layers=(Layer(files={"usr/share/debian-stale/hello": "made for Debian 11\n"}),),
+                labels={**OVERLAY_CLASS, "io.balena.image.os-version": "11"},
+            )
+            images = build_scratch_images(ext, [spec, stale])
+            ext_id = ext.create(images["debian-ext"], "debian-ext")
+            stale_id = ext.create(images["debian-stale"], "debian-stale")
         finally:
             host.stop()
             ext.stop()
@@ -167,5 +229,5 @@ def build(workdir: Path, cache: Path) -> Device:
     (sysroot / "current").symlink_to(f"hostapps/{hostapp_id}")
     (data / "remove_me_to_reset").write_text("")
     return Device(sysroot=sysroot, data=data, hostapp_id=hostapp_id, hostapp_name="debian",
-                  extensions={"debian-ext": ext_id}, apps=())
+                  extensions={"debian-ext": ext_id, "debian-stale": stale_id}, apps=())
 

@@ -149,7 +149,7 @@ def build(workdir: Path, hostapp: HostappSpec, extensions=(), purge_marker: bool
     return device, disk
 
 
-# --- fallback after failed boots (tests/test_boot_fallback.py) ----------------------
+# --- fallback after failed boots (tests/boot/test_boot_fallback.py) ----------------------
 
 BAD_INIT = """#!/bin/busybox sh
 # An override's /sbin/init that cannot boot anything: it shows the boot record

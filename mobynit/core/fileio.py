@@ -5,17 +5,19 @@ refused) and O_NONBLOCK (a FIFO planted where a file belongs is refused, not
 waited on), at most `limit` bytes. Directories on the way are checked with
 lstat, so a symlink in a store never leads outside it.
 
-Writing: `write_atomic` writes a sibling temporary file (O_EXCL|O_NOFOLLOW,
-so nothing planted at its name is followed or reused), fsyncs it, renames it
-over the target and fsyncs the directory: after a power cut the file holds
-the old bytes or the new ones, never a mix, and a failed write leaves no
-temporary file behind.
+Writing: `write_atomic_at` (and `write_atomic`, its path form) writes a
+sibling temporary file (O_EXCL|O_NOFOLLOW, so nothing planted at its name is
+followed or reused), fsyncs it, renames it over the target and fsyncs the
+directory: after a power cut the file holds the old bytes or the new ones,
+never a mix, and a failed write leaves no temporary file behind. What lives
+under a directory we own is reached through that directory's descriptor.
 
 Every failure raises StoreError with a sentence naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -90,58 +92,117 @@ def readlink(path: str, when_missing: str) -> str:
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data`, durably: temporary sibling, fsync, rename, fsync of the directory."""
-    directory = os.path.dirname(path) or "."
-    tmp = f"{path}.{os.getpid()}.tmp"
+    """Replace `path` with `data`, durably; its directory is opened without following a final symlink."""
+    directory, name = os.path.split(path)
+    dir_fd = open_dir(directory or ".")
     try:
-        fd = os.open(tmp, _O_TEMP, mode)
-    except FileExistsError:
-        # A dead process's leftover with our pid (pids are reused): ours to replace, never to follow.
-        _unlink(tmp)
-        fd = _open_temp(tmp, mode)
+        write_atomic_at(dir_fd, name, data, mode, display=path)
+    finally:
+        os.close(dir_fd)
+
+
+
+
+# --- relative to an open directory ------------------------------------------------------
+#
+# What lives under a root we own (the runtime's state) is reached through the
+# descriptor of a directory opened with O_NOFOLLOW|O_DIRECTORY: a symlink
+# planted anywhere below it is refused or removed, never followed.
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_dir(name: str, dir_fd: int | None = None, display: str | None = None) -> int:
+    """A real directory's descriptor (never through a final symlink); StoreError otherwise."""
+    shown = display or name
+    try:
+        return os.open(name, _O_DIR, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise StoreError(f"{shown}: missing") from None
     except OSError as e:
-        raise StoreError(f"{tmp}: cannot create: {e.strerror}") from None
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise StoreError(f"{shown}: not a directory (a symlink or a file), not followed") from None
+        raise StoreError(f"{shown}: cannot open the directory: {e.strerror}") from None
+
+
+def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644, display: str | None = None) -> None:
+    """Replace the entry `name` of the open directory `dir_fd` with `data`, durably.
+
+    A temporary sibling is created with O_EXCL|O_NOFOLLOW, written, fsynced and
+    renamed over `name`; then the directory is fsynced. Whatever is found at the
+    temporary's name (a crashed run's file, a planted FIFO, symlink or
+    directory) is removed first, never opened or reused. On failure the
+    temporary is removed and StoreError names the file.
+    """
+    shown = display or name
+    tmp = f"{name}.{os.getpid()}.tmp"
     try:
+        fd = os.open(tmp, _O_TEMP, mode, dir_fd=dir_fd)
+    except FileExistsError:
+        remove_at(dir_fd, tmp, f"{shown}.{os.getpid()}.tmp")
+        fd = -1
+    except OSError as e:
+        raise StoreError(f"{shown}.{os.getpid()}.tmp: cannot create: {e.strerror}") from None
+    try:
+        if fd < 0:
+            fd = os.open(tmp, _O_TEMP, mode, dir_fd=dir_fd)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
         os.close(fd)
         fd = -1
-        os.rename(tmp, path)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as e:
         if fd >= 0:
             os.close(fd)
-        _unlink(tmp)
-        raise StoreError(f"{path}: cannot write: {e.strerror}") from None
-    fsync_dir(directory)
-
-
-def _open_temp(tmp: str, mode: int) -> int:
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise StoreError(f"{shown}: cannot write: {e.strerror}") from None
     try:
-        return os.open(tmp, _O_TEMP, mode)
+        os.fsync(dir_fd)
     except OSError as e:
-        raise StoreError(f"{tmp}: cannot create: {e.strerror}") from None
+        raise StoreError(f"{shown}: cannot sync its directory: {e.strerror}") from None
 
 
-def _unlink(path: str) -> None:
+def remove_at(dir_fd: int, name: str, display: str | None = None) -> bool:
+    """Remove the entry `name` of `dir_fd`, whatever it is; False if there was none.
+
+    A symlink is unlinked (its target untouched); a directory is removed with
+    everything in it, descriptor-relative all the way down, never following a
+    symlink.
+    """
+    shown = display or name
     try:
-        os.unlink(path)
+        st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
-        pass
+        return False
     except OSError as e:
-        raise StoreError(f"{path}: cannot remove: {e.strerror}") from None
+        raise StoreError(f"{shown}: {e.strerror}") from None
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            _remove_tree(dir_fd, name)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise StoreError(f"{shown}: cannot remove: {e.strerror}") from None
+    return True
 
 
-def fsync_dir(path: str) -> None:
-    """Make a rename or unlink in `path` durable."""
+def _remove_tree(dir_fd: int, name: str) -> None:
+    fd = os.open(name, _O_DIR, dir_fd=dir_fd)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as e:
-        raise StoreError(f"{path}: cannot open the directory: {e.strerror}") from None
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        raise StoreError(f"{path}: cannot sync the directory: {e.strerror}") from None
+        with os.scandir(fd) as entries:
+            children = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        for child, is_dir in children:
+            if is_dir:
+                _remove_tree(fd, child)
+            else:
+                os.unlink(child, dir_fd=fd)
     finally:
         os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)

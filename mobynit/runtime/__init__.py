@@ -16,6 +16,8 @@ to containerd's runc shim and, instead of running a process:
 Each call takes a lock on its container, so the shim racing `kill` against
 `delete` never tears the state, and the state file is replaced atomically, so
 a power cut leaves the old state or the new one, never half of either.
+Nothing under the state root is reached by path: directories are opened
+O_NOFOLLOW|O_DIRECTORY and acted on through their descriptors.
 
 containerd calls this several times per container: the module imports little,
 and the boot-time checks (policy, store) only at create.
@@ -23,8 +25,9 @@ and the boot-time checks (policy, store) only at create.
 Rooms: log (runc's log file), spec (the bundle: rootfs, labels, volumes),
 hooks (the image's hooks and their environment), proxy (the process the shim
 tracks), state (what is remembered per container, under its lock), commands
-(create, start, kill, delete, state, features), cli (runc's flag syntax),
-engine and manager (`mobynit-extension-manager`).
+(create, start, kill, delete, state, features), cli (runc's flag syntax and
+the Go tool's, under either name), containerd (labels of a container made by
+containerd alone), engine and manager (`mobynit-extension-manager`).
 """
 
 from mobynit.core.errors import MobynitError

@@ -8,7 +8,6 @@ import signal
 import sys
 from collections.abc import Mapping
 
-from mobynit.core import labels as label
 from mobynit.core.errors import MobynitError, UsageError, shown
 from mobynit.core.fileio import write_atomic
 from mobynit.core.model import Record
@@ -16,7 +15,16 @@ from mobynit.runtime import OCI_VERSION, RuntimeFailure
 from mobynit.runtime.hooks import hook_env, run_hook
 from mobynit.runtime.log import Log, rfc3339
 from mobynit.runtime.proxy import spawn_proxy
-from mobynit.runtime.spec import extension_labels, read_json, resolve_rootfs, spec_volumes, string_map
+from mobynit.runtime.spec import (
+    DEFAULT_ENGINE_ROOT,
+    derived_engine_root,
+    extension_labels,
+    read_json,
+    refusal,
+    resolve_rootfs,
+    spec_volumes,
+    string_map,
+)
 from mobynit.runtime.state import CREATED, STOPPED, State, StateDir
 
 
@@ -60,10 +68,23 @@ class Options(Record):
     __slots__ = ("root", "log", "engine_root")
     root: str
     log: Log
-    engine_root: str
+    engine_root: str | None  # --engine-root/--docker-root or the environment; None: found from the bundle
 
 
-def cmd_create(opts: Options, cid: str, bundle: str, pid_file: str, console_socket: str | None) -> None:
+def engine_roots(opts: Options, rootfs: str, cid: str) -> list[str]:
+    """Where to look for the engine's record of the container, in order: the
+    root we were told, the one dockerd's rootfs path shows (checked), and the
+    default when nobody said anything."""
+    roots = [opts.engine_root] if opts.engine_root else []
+    derived = derived_engine_root(rootfs, cid)
+    if derived is not None:
+        roots.append(derived)
+    if not opts.engine_root:
+        roots.append(DEFAULT_ENGINE_ROOT)
+    return list(dict.fromkeys(roots))
+
+
+def cmd_create(opts: Options, cid: str, bundle: str, pid_file: str | None, console_socket: str | None) -> None:
     log = opts.log
     bundle = os.path.abspath(bundle)
     config = f"{bundle}/config.json"
@@ -73,17 +94,19 @@ def cmd_create(opts: Options, cid: str, bundle: str, pid_file: str, console_sock
         spec = read_json(config, "bundle config")
         rootfs = resolve_rootfs(spec, bundle, config)
         annotations = string_map(spec.get("annotations"), f"{config}: annotations")
-        labels, source = extension_labels(annotations, opts.engine_root, cid)
-        if not label.is_extension(labels):
-            raise RuntimeFailure(
-                f"container {cid} is not an extension: no {label.CLASS}=overlay (nor the legacy"
-                f" {label.LEGACY}=1) in {source}; run it with another runtime"
-            )
+        roots = engine_roots(opts, rootfs, cid)
+        found = extension_labels(annotations, roots, cid, bundle)
+        why = refusal(found.labels)
+        if why is not None:
+            where = found.source if found.source != "the OCI annotations" or len(found.looked) == 1 else (
+                "any of " + ", ".join(found.looked))
+            raise RuntimeFailure(f"container {cid} is not an extension: {why} (looked in {where}); run it with another runtime")
+        labels = found.labels
         volumes = spec_volumes(spec, config)
         verdict = boot_verdict(labels, rootfs)
         if verdict is not None:
             log("warning", f"extension {cid} will be skipped at the next boot: {verdict}")
-        problem = index_layers(opts.engine_root, cid)
+        problem = index_layers(found.engine_root or roots[0], cid)
         if problem is not None:
             log("warning", f"extension {cid}: {problem}")
         run_hook(f"{rootfs}/hooks/create", hook_env(rootfs, labels, volumes), log, cwd=rootfs)
@@ -101,13 +124,14 @@ def cmd_create(opts: Options, cid: str, bundle: str, pid_file: str, console_sock
                 volumes=volumes,
             )
             ctr.save(state)
-            write_atomic(os.path.abspath(pid_file), f"{pid}".encode())
+            if pid_file:
+                write_atomic(os.path.abspath(pid_file), f"{pid}".encode())
         except BaseException:
             os.kill(pid, signal.SIGKILL)
             if ctr.exists():
                 ctr.remove()
             raise
-        log("info", f"created extension {cid} (proxy pid {pid}, labels from {source})")
+        log("info", f"created extension {cid} (proxy pid {pid}, labels from {found.source})")
 
 
 def cmd_start(opts: Options, cid: str) -> None:
@@ -122,25 +146,42 @@ def cmd_start(opts: Options, cid: str) -> None:
         opts.log("info", f"started extension {cid}: it is installed and stopped")
 
 
+# Signals that ask for the container to be gone: to a proxy already gone, they are met.
+STOP_SIGNALS = frozenset((signal.SIGTERM, signal.SIGKILL))
+
+
 def cmd_kill(opts: Options, cid: str, sig: int) -> None:
+    """Signal the proxy. SIGTERM or SIGKILL to a container whose proxy is
+    already gone succeed (it is stopped, as asked); any other signal then
+    fails with runc's `container not running`."""
     with StateDir(opts.root, cid) as ctr:
         state = ctr.load()
         if not state.proxy_alive():
-            raise RuntimeFailure(f"cannot kill container {cid}: container not running")
-        _signal_proxy(state, sig)
+            if sig not in STOP_SIGNALS:
+                raise RuntimeFailure(f"cannot kill container {cid}: container not running")
+            opts.log("info", f"extension {cid} is already stopped; {signal.Signals(sig).name} not needed")
+        else:
+            _signal_proxy(state, sig)
         if state.status != STOPPED:
             ctr.save(state.replace(status=STOPPED))
         opts.log("info", f"sent {signal.Signals(sig).name} to extension {cid}")
 
 
 def cmd_delete(opts: Options, cid: str, force: bool) -> None:
-    """Refuses a created container unless forced; --force also forgets the
-    container when its delete hook fails (and still reports the failure)."""
+    """Refuses a created container unless forced. --force always forgets the
+    container: when its delete hook fails (and still reports the failure),
+    and when its state cannot be read or is not what we wrote (a warning)."""
     with StateDir(opts.root, cid) as ctr:
         if force and not ctr.exists():
-            ctr.remove()
+            ctr.remove()  # whatever sits at its name: a crashed create's leftovers, a planted entry
             return
-        state = ctr.load()
+        try:
+            state = ctr.load()
+        except RuntimeFailure as e:
+            if not force:
+                raise
+            _forget(opts, ctr, f"its state is unreadable ({e}); no delete hook ran")
+            return
         status = state.current_status()
         if status != STOPPED and not force:
             raise RuntimeFailure(f"cannot delete container {cid}: it is {status} (use --force)")
@@ -150,11 +191,15 @@ def cmd_delete(opts: Options, cid: str, force: bool) -> None:
             run_hook(f"{state.rootfs}/hooks/delete", state.hook_env(), opts.log, cwd=_cwd(state.rootfs))
         except RuntimeFailure:
             if force:
-                ctr.remove()
-                opts.log("warning", f"forgot extension {cid} although its delete hook failed")
+                _forget(opts, ctr, "its delete hook failed")
             raise
         ctr.remove()
         opts.log("info", f"deleted extension {cid}")
+
+
+def _forget(opts: Options, ctr: StateDir, why: str) -> None:
+    ctr.remove()
+    opts.log("warning", f"forgot extension {ctr.id} although {why}")
 
 
 def _cwd(rootfs: str) -> str:

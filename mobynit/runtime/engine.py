@@ -102,12 +102,49 @@ class EngineClient:
         return body
 
     def remove(self, cid: str) -> None:
-        """Remove the container (forced: an extension never runs anything worth stopping
-        gracefully); its named volumes stay. Gone already counts as removed."""
-        path = f"/containers/{urllib.parse.quote(cid)}?force=1"
+        """Remove the container with its anonymous volumes (forced: an extension
+        never runs anything worth stopping gracefully); named volumes stay.
+        Gone already counts as removed."""
+        path = f"/containers/{urllib.parse.quote(cid)}?force=1&v=1"
         status, body = self.request("DELETE", path)
         if status not in (204, 200, 404):
             raise EngineAPIError(f"DELETE {path}: engine answered {status}: {_message(body)}")
+
+    def images(self) -> list[dict]:
+        body = self.get("/images/json")
+        if not isinstance(body, list) or not all(isinstance(i, dict) for i in body):
+            raise EngineAPIError("GET /images/json: the answer is not a list of images")
+        return body
+
+    def inspect_image(self, ref: str) -> dict | None:
+        path = f"/images/{urllib.parse.quote(ref, safe='')}/json"
+        status, body = self.request("GET", path)
+        if status == 404:
+            return None
+        if status != 200 or not isinstance(body, dict):
+            raise EngineAPIError(f"GET {path}: engine answered {status}: {_message(body)}")
+        return body
+
+    def remove_image(self, ref: str) -> str | None:
+        """Untag or delete, never forced: None when done (or gone already), else
+        the engine's reason for keeping it (a container still uses it: 409)."""
+        path = f"/images/{urllib.parse.quote(ref, safe='')}"
+        status, body = self.request("DELETE", path)
+        if status in (200, 404):
+            return None
+        if status == 409:
+            return _message(body)
+        raise EngineAPIError(f"DELETE {path}: engine answered {status}: {_message(body)}")
+
+    def remove_volume(self, name: str) -> str | None:
+        """Delete a named volume, never forced: None when done (or gone), else why the engine keeps it (in use: 409)."""
+        path = f"/volumes/{urllib.parse.quote(name, safe='')}"
+        status, body = self.request("DELETE", path)
+        if status in (204, 200, 404):
+            return None
+        if status == 409:
+            return _message(body)
+        raise EngineAPIError(f"DELETE {path}: engine answered {status}: {_message(body)}")
 
 
 def _message(body: object) -> str:

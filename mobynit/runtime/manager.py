@@ -11,10 +11,18 @@ Module.symvers vs the command line's `balena_kernel_abi=`), and
 pattern: stale, as at boot). Run `--stale-os` only once an OS update is committed: before
 that, a stale extension is what a rollback returns to.
 
+Containers go with their anonymous volumes. A stale extension also takes
+along its image and its named volumes once nothing else uses them (the engine
+refuses to delete what a container still uses, and is never forced), and
+`--stale-os` removes extension images whose own labels make them stale even
+with no container (what an OS update left behind).
+
 Before a stale extension goes, each of its volumes gets its chance to undo
 what the extension set up there: an executable `deactivate` at the top of the
 volume runs with the hook environment of the runtime. If it fails, the
-container is kept (and the command fails), so the next run tries again.
+failure is reported (exit status 1) and the container removed all the same,
+as the tool we replace does; its volumes, which hold the hook and whatever
+it did not undo, are kept for an operator.
 
 The engine is reached over its unix socket with the standard library, and
 every request has a time limit.
@@ -156,6 +164,8 @@ class _HookLog:
 class Outcome:
     removed: tuple[tuple[str, str], ...]  # (container, reason)
     failures: tuple[str, ...]
+    images: tuple[str, ...] = ()  # images removed
+    volumes: tuple[str, ...] = ()  # named volumes removed
 
 
 def cleanup(
@@ -166,9 +176,12 @@ def cleanup(
     probe: Callable[[Sequence[str], str], object] = layers.probe_modules,
     hook_timeout: float | None = None,
 ) -> Outcome:
-    """One pass over the engine's extension containers; see the module docstring."""
+    """One pass over the engine's extension containers (and, with `stale_os`,
+    images); see the module docstring."""
     removed: list[tuple[str, str]] = []
     failures: list[str] = []
+    stale_images: dict[str, str] = {}  # image id -> why it goes
+    stale_volumes: list[tuple[str, str]] = []  # (volume name, whose it was)
     for summary in client.containers():
         labels = summary.get("Labels") or {}
         if not isinstance(labels, dict) or not label.is_extension(labels):
@@ -178,6 +191,7 @@ def cleanup(
             continue
         c = Candidate.from_inspect(doc)
         reason = garbage_reason(c)
+        stale = keep_volumes = False
         if reason is None and stale_os and c.status not in ("running", "paused", "restarting", "removing"):
             assert system is not None
             try:
@@ -185,11 +199,12 @@ def cleanup(
             except MobynitError as e:  # an unreadable Module.symvers: the boot skips it too
                 reason = str(e)
             if reason is not None:
+                stale = True
                 try:
                     deactivate(c, log, hook_timeout)
                 except RuntimeFailure as e:
-                    failures.append(f"{c.short}: kept, its deactivate hook failed: {e}")
-                    continue
+                    failures.append(f"{c.short}: its deactivate hook failed: {e}; removed all the same, its volumes kept")
+                    keep_volumes = True
         if reason is None:
             continue
         try:
@@ -199,7 +214,86 @@ def cleanup(
             continue
         removed.append((c.short, reason))
         log(f"removed {c.short}: {reason}")
-    return Outcome(tuple(removed), tuple(failures))
+        if stale:
+            image = doc.get("Image")
+            if isinstance(image, str) and image:
+                stale_images.setdefault(image, f"the image of {c.short}")
+            if not keep_volumes:
+                stale_volumes.extend((v.name, c.short) for v in c.volumes if v.name)
+    images: list[str] = []
+    volumes: list[str] = []
+    if stale_os:
+        assert system is not None
+        _stale_images(client, system, probe, stale_images)
+        in_use = {str(c.get("ImageID")) for c in client.containers()}
+        for image, why in stale_images.items():
+            if image in in_use:
+                log(f"kept image {_short(image)}: a container still uses it")
+                continue
+            try:
+                done = _remove_image(client, image, why, log)
+            except EngineAPIError as e:
+                failures.append(f"image {_short(image)}: cannot remove: {e}")
+                continue
+            if done:
+                images.append(image)
+        for name, whose in stale_volumes:
+            try:
+                kept = client.remove_volume(name)
+            except EngineAPIError as e:
+                failures.append(f"volume {name}: cannot remove: {e}")
+                continue
+            if kept is not None:
+                log(f"kept volume {name} of {whose}: {kept}")
+            else:
+                volumes.append(name)
+                log(f"removed volume {name} of {whose}")
+    return Outcome(tuple(removed), tuple(failures), tuple(images), tuple(volumes))
+
+
+def _short(image: str) -> str:
+    return image.removeprefix("sha256:")[:12]
+
+
+def _stale_images(
+    client: EngineClient, system: System, probe: Callable[[Sequence[str], str], object], found: dict[str, str]
+) -> None:
+    """Add to `found` the extension images whose own labels no longer suit the running system."""
+    for summary in client.images():
+        labels = summary.get("Labels") or {}
+        image = summary.get("Id")
+        if not isinstance(labels, dict) or not label.is_extension(labels) or not isinstance(image, str):
+            continue
+        if image in found:
+            continue
+        doc = client.inspect_image(image)
+        if doc is None:
+            continue
+        tags = [t for t in summary.get("RepoTags") or () if isinstance(t, str) and t != "<none>:<none>"]
+        c = attrs.evolve(Candidate.from_inspect(doc), name=tags[0] if tags else _short(image))
+        try:
+            reason = stale_reason(c, system, probe)
+        except MobynitError as e:
+            reason = str(e)
+        if reason is not None:
+            found[image] = reason
+
+
+def _remove_image(client: EngineClient, image: str, why: str, log: Callable[[str], None]) -> bool:
+    """Each tag, then the image itself, never forced; False when the engine keeps it."""
+    doc = client.inspect_image(image)
+    if doc is None:
+        return False
+    tags = [t for t in doc.get("RepoTags") or () if isinstance(t, str) and t != "<none>:<none>"]
+    for ref in [*tags, image]:
+        if ref == image and client.inspect_image(image) is None:
+            break  # the last tag took the image with it
+        kept = client.remove_image(ref)
+        if kept is not None:
+            log(f"kept image {_short(image)}: {kept}")
+            return False
+    log(f"removed image {', '.join(tags) or _short(image)} ({_short(image)}): {why}")
+    return True
 
 
 # --- the running system ----------------------------------------------------------------
@@ -233,15 +327,39 @@ def running_system(kernel_release: str | None, cmdline_path: str, os_release: st
 # --- command line -------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Remove extension containers the device no longer wants.")
-    p.add_argument("--host", default=os.environ.get("DOCKER_HOST", DEFAULT_HOST),
-                   help=f"engine API socket as unix:///path (default $DOCKER_HOST or {DEFAULT_HOST})")
+GO_PROG = "balena-extension-manager"
+GO_HOST = "unix:///var/run/balena-engine.sock"  # the Go tool's default, under its name
+LEVELS = {"debug": 0, "info": 1, "warn": 2, "warning": 2, "error": 3}
+
+
+def default_host(prog: str) -> str:
+    """$DOCKER_HOST (`unix:///path`, or a bare absolute path as the Go tool takes it), else the engine's socket."""
+    host = os.environ.get("DOCKER_HOST", "")
+    if host.startswith("/"):
+        return "unix://" + host
+    if host:
+        return host
+    return GO_HOST if prog == GO_PROG else DEFAULT_HOST
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    from mobynit import __version__
+
+    version = f"{prog} version {__version__}"
+    host = default_host(prog)
+    p = argparse.ArgumentParser(prog=prog, description="Remove extension containers the device no longer wants.")
+    p.add_argument("--version", action="version", version=version)
+    p.add_argument("--host", default=host,
+                   help=f"engine API socket as unix:///path (default $DOCKER_HOST, else {host})")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds each engine request may take (default 30)")
+    p.add_argument("--log-level", default="info", choices=sorted(LEVELS),
+                   help="info (default) shows what was removed; warn or error only problems")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     c = sub.add_parser("cleanup", help="remove dead and failed extension containers")
+    c.add_argument("--version", action="version", version=version)
     c.add_argument("--stale-os", action="store_true",
-                   help="also remove those whose kernel or OS-version labels no longer match"
+                   help="also remove those whose kernel or OS-version labels no longer match, their images"
+                   " and named volumes once unused, and stale extension images"
                    " (only after an OS update is committed)")
     c.add_argument("--os-release", default="/etc/os-release", help="where VERSION_ID is read (default /etc/os-release)")
     c.add_argument("--kernel-release", help="the running kernel release (default: uname -r)")
@@ -250,11 +368,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
+    args = _parser(prog).parse_args(argv)
+    threshold = LEVELS[args.log_level]
 
-    def log(msg: str) -> None:
-        sys.stderr.write(f"{PROG}: {msg}\n")
+    def log(msg: str, level: str = "info") -> None:
+        if LEVELS[level] >= threshold:
+            sys.stderr.write(f"{prog}: {msg}\n")
 
     try:
         if not args.timeout > 0:
@@ -266,11 +386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" OS version {system.os_version}")
         outcome = cleanup(client, args.stale_os, system, log, hook_timeout=args.hook_timeout)
     except MobynitError as e:
-        log(str(e))
+        log(str(e), "error")
         return 1
     for failure in outcome.failures:
-        log(failure)
-    if not outcome.removed and not outcome.failures:
+        log(failure, "error")
+    if not outcome.removed and not outcome.failures and not outcome.images:
         log("nothing to remove")
     return 1 if outcome.failures else 0
 

@@ -27,7 +27,10 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
 def spawn_proxy(console_socket: str | None) -> tuple[int, int]:
     """Fork the process containerd tracks; returns (pid, start time).
 
-    The proxy does nothing but wait for a signal: SIGUSR1 (start done),
+    The proxy holds none of the caller's descriptors: its stdio is
+    /dev/null (or the terminal it is handed), so a caller reading our output
+    to its end is not kept waiting for the proxy. It does nothing but wait for
+    a signal: SIGUSR1 (start done),
     SIGTERM or SIGINT make it exit 0; any other signal has its default
     effect, as on any idle process. Those three are blocked before the fork,
     so one sent the moment the pid file exists is queued, never lost.
@@ -67,8 +70,11 @@ def _proxy(tty: int) -> None:
             import termios
 
             fcntl.ioctl(tty, termios.TIOCSCTTY, 0)
-            for fd in (0, 1, 2):
-                os.dup2(tty, fd)
+            stdio = tty
+        else:
+            stdio = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(stdio, fd)
         os.closerange(3, 65536)
         os.chdir("/")
         with open("/proc/self/comm", "w") as comm:  # so ps shows what it is

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 
+from mobynit.core import labels as label
 from mobynit.core.errors import StoreError, shown
 from mobynit.core.fileio import read_file
+from mobynit.core.model import Record
 from mobynit.runtime import RuntimeFailure
 
 DEFAULT_ENGINE_ROOT = "/var/lib/docker"
-# Bind mounts the engine adds to every container; they are not the extension's volumes.
-ENGINE_PLUMBING = frozenset(("/etc/resolv.conf", "/etc/hostname", "/etc/hosts", "/dev/shm"))
 CONFIG_LIMIT = 4 << 20
 
 
@@ -23,6 +24,10 @@ def read_json(path: str, what: str, limit: int = CONFIG_LIMIT) -> dict:
         raw = read_file(path, limit)
     except StoreError as e:
         raise RuntimeFailure(f"{what} {e}") from None
+    return parse_json(raw, path, what)
+
+
+def parse_json(raw: bytes, path: str, what: str) -> dict:
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
@@ -41,11 +46,12 @@ def string_map(value: object, where: str) -> dict[str, str]:
 
 
 def spec_volumes(spec: dict, config: str) -> dict[str, str]:
-    """The extension's volumes: the bind mounts of the spec other than the engine's own.
+    """Every mount of the spec with an absolute destination (other than `/`): destination -> source.
 
-    Docker hands named volumes and host binds to the runtime as bind mounts
-    (`/var/lib/docker/volumes/<name>/_data` for a volume); the engine adds
-    resolv.conf, hostname, hosts and /dev/shm to every container.
+    The hook contract of the tool we replace: EXTENSION_VOLUME_<DEST> for each
+    such mount, whatever its type, so docker's named volumes and host binds
+    (passed as bind mounts, `<data-root>/volumes/<name>/_data` for a volume)
+    and the engine's own mounts (/proc, /dev, /etc/hosts...) alike.
     """
     mounts = spec.get("mounts")
     if mounts is None:
@@ -56,12 +62,11 @@ def spec_volumes(spec: dict, config: str) -> dict[str, str]:
     for m in mounts:
         if not isinstance(m, dict):
             raise RuntimeFailure(f"{config}: a mount is not an object")
-        dest, source, options = m.get("destination"), m.get("source"), m.get("options") or []
-        if not isinstance(dest, str) or not isinstance(source, str) or not isinstance(options, list):
-            raise RuntimeFailure(f"{config}: mount {shown(dest)} has no destination or source")
-        bind = m.get("type") == "bind" or "bind" in options or "rbind" in options
-        if bind and dest.startswith("/") and os.path.normpath(dest) not in ENGINE_PLUMBING:
-            volumes[os.path.normpath(dest)] = source
+        dest, source = m.get("destination"), m.get("source", "")
+        if not isinstance(dest, str) or not isinstance(source, str):
+            raise RuntimeFailure(f"{config}: mount {shown(dest)} has no destination, or a source that is not a string")
+        if dest.startswith("/") and dest != "/":
+            volumes[dest] = source
     return volumes
 
 
@@ -91,6 +96,28 @@ def resolve_rootfs(spec: dict, bundle: str, config: str) -> str:
     return rootfs
 
 
+# dockerd's rootfs for a container: <data-root>/overlay2/<mount-id>/merged
+_MERGED = re.compile(r"(/.+)/overlay2/([0-9a-f]{64})/merged")
+
+
+def derived_engine_root(root_path: str, cid: str) -> str | None:
+    """The engine's data-root, read off the rootfs dockerd names, once checked.
+
+    `root.path` = `<D>/overlay2/<mount-id>/merged` is believed only when `D`
+    records this very container on that layer: its
+    `image/overlay2/layerdb/mounts/<id>/mount-id` holds `<mount-id>`.
+    """
+    m = _MERGED.fullmatch(os.path.normpath(root_path)) if os.path.isabs(root_path) else None
+    if m is None:
+        return None
+    root, mount_id = m.groups()
+    try:
+        recorded = read_file(f"{root}/image/overlay2/layerdb/mounts/{cid}/mount-id", 256)
+    except StoreError:
+        return None
+    return root if recorded.strip() == mount_id.encode() else None
+
+
 def engine_labels(engine_root: str, cid: str) -> dict[str, str] | None:
     """Config.Labels from the engine's `containers/<id>/config.v2.json`, None if it has no such file.
 
@@ -107,12 +134,45 @@ def engine_labels(engine_root: str, cid: str) -> dict[str, str] | None:
     return string_map(config.get("Labels"), f"{path}: Config.Labels")
 
 
-def extension_labels(annotations: Mapping[str, str], engine_root: str, cid: str) -> tuple[dict[str, str], str]:
-    """(labels, where they came from): the annotations when they carry balena
-    labels, else the engine's record of the container, else the annotations."""
+class Labels(Record):
+    """The extension's labels, where they were found, and every place looked at."""
+
+    __slots__ = ("labels", "source", "engine_root", "looked")
+    labels: dict[str, str]
+    source: str
+    engine_root: str | None  # the engine store that recorded the container, if one did
+    looked: tuple[str, ...]
+
+
+def extension_labels(
+    annotations: Mapping[str, str], engine_roots: Sequence[str], cid: str, bundle: str
+) -> Labels:
+    """The annotations when they carry balena labels; else the first engine
+    store that records the container; else containerd's record of it (see
+    mobynit.runtime.containerd); else the annotations, as they are."""
+    looked = ["the OCI annotations"]
     if any(k.startswith("io.balena.") for k in annotations):
-        return dict(annotations), "the OCI annotations"
-    labels = engine_labels(engine_root, cid)
+        return Labels(labels=dict(annotations), source=looked[0], engine_root=None, looked=tuple(looked))
+    for root in engine_roots:
+        labels = engine_labels(root, cid)
+        path = f"{root}/containers/{cid}/config.v2.json"
+        if labels is not None:
+            return Labels(labels=labels, source=path, engine_root=root, looked=(*looked, path))
+        looked.append(path)
+    from mobynit.runtime import containerd
+
+    labels, where = containerd.container_labels(bundle, cid)
     if labels is not None:
-        return labels, f"{engine_root}/containers/{cid}/config.v2.json"
-    return dict(annotations), "the OCI annotations"
+        return Labels(labels=labels, source=where, engine_root=None, looked=(*looked, where))
+    looked.append(where)
+    return Labels(labels=dict(annotations), source=looked[0], engine_root=None, looked=tuple(looked))
+
+
+def refusal(labels: Mapping[str, str]) -> str | None:
+    """Why these labels do not make an extension, in the words the engine shows
+    users (and the tool we replace used): None for an extension."""
+    if label.is_extension(labels):
+        return None
+    if label.CLASS in labels:
+        return f"unsupported {label.CLASS}={json.dumps(labels[label.CLASS])}, must be \"overlay\""
+    return f"missing required label {label.CLASS}"

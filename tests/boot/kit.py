@@ -115,7 +115,7 @@ class Disks:
                 dev = build_device(where, devices.probe_hostapp(), devices.test_extensions(self.kernel_release))
             elif name == "debian":
                 dev = debian.build(where, CACHE)
-            elif name == "bad-init":  # tests/test_boot_fallback.py
+            elif name == "bad-init":  # tests/boot/test_boot_fallback.py
                 dev = build_device(where, devices.probe_hostapp(), devices.bad_init_extensions())
             else:
                 raise KeyError(name)

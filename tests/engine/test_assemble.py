@@ -256,7 +256,7 @@ def test_abi_token_must_match_module_symvers(device) -> None:
 # --- page size ----------------------------------------------------------------------------
 
 
-# Drops under the page size and the 500-layer limit: tests/test_capacity.py, on a store with 500 extensions.
+# Drops under the page size and the 500-layer limit: tests/engine/test_capacity.py, on a store with 500 extensions.
 
 
 def test_hostapp_that_cannot_fit_is_an_error(device) -> None:

@@ -1,7 +1,7 @@
 """Never bricked: unconfirmed boots with extensions fall back to the hostapp alone.
 
 Pure rules first, then the whole cycle with real assembles of the standard
-device (the QEMU boots of the same cycle are in tests/test_boot*.py).
+device (the QEMU boots of the same cycle are in tests/boot/test_boot*.py).
 """
 
 from __future__ import annotations

@@ -41,6 +41,8 @@ IMAGES = {
     "ext-abi": {**OVERLAY, "io.balena.image.kernel-abi-id": ABI},
     "ext-legacy": {"io.balena.features.host-extension": "1"},
     "ext-badhook": OVERLAY,
+    "ext-orphan": {**OVERLAY, "io.balena.image.os-version": "99.99.99"},  # no container: an OS update left it
+    "ext-orphan-ok": {**OVERLAY, "io.balena.image.os-version": "2.119.*"},
     "app": {},
 }
 
@@ -113,7 +115,8 @@ def device(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Device]:
             path.chmod(hook.mode)
         installs = [
             ("ok", "ext-ok"), ("oldkernel", "ext-oldkernel", "-v", "boot-old:/boot"),
-            ("stuck", "ext-oldkernel", "-v", "boot-stuck:/boot"), ("oldos", "ext-oldos"), ("abi", "ext-abi"),
+            ("stuck", "ext-oldkernel", "-v", "boot-stuck:/boot"), ("oldos", "ext-oldos", "-v", "/anonymous"),
+            ("abi", "ext-abi"),
         ]
         for name, image, *opts in installs:
             engine.docker("run", "--name", name, "--runtime", "extension", *opts, f"{image}:1")
@@ -147,20 +150,52 @@ def test_cleanup_then_stale_os(device: Device) -> None:
     proc = d.manager()
     assert proc.returncode == 0 and "nothing to remove" in proc.stderr
 
-    # --stale-os: the kernel and OS checks; a deactivate hook that fails keeps its container.
+    # --stale-os: the kernel and OS checks. A deactivate hook that fails is reported (exit 1) and its
+    # container removed all the same (as the Go tool); its volume, with the hook, stays.
+    anonymous = [m["Name"] for m in d.engine.inspect("oldos")["Mounts"] if m["Destination"] == "/anonymous"]
+    assert len(anonymous) == 1 and anonymous[0] in volumes(d)
+    boot_old = d.volume_dir("boot-old")
     proc = d.manager("--stale-os", abi=ABI)
     assert proc.returncode == 1
-    assert d.names() == {"ok", "stuck", "abi", "dead-app", "app"}
+    assert d.names() == {"ok", "abi", "dead-app", "app"}
     assert f"removed oldkernel ({d.ids['oldkernel'][:12]}): built for kernel 5.15.0, running kernel is 6.1.0" in proc.stderr
     assert "removed oldos" in proc.stderr and "io.balena.image.os-version=2.118.*" in proc.stderr
-    assert f"stuck ({d.ids['stuck'][:12]}): kept, its deactivate hook failed: " in proc.stderr
-    boot_old = d.volume_dir("boot-old")
+    assert f"stuck ({d.ids['stuck'][:12]}): its deactivate hook failed: " in proc.stderr
+    assert "removed all the same, its volumes kept" in proc.stderr
     assert (d.tmp / "boot-old.evidence").read_text() == f"{boot_old} kernel=5.15.0 boot={boot_old}\n"
-    assert "boot-old" in d.engine.docker("volume", "ls", "-q").split()  # volumes stay
+    # The stale containers' named volumes and images go once unused; the anonymous volume went with its container.
+    assert volumes(d) == {"boot-stuck"}
+    assert images(d) == {"ext-ok:1", "ext-abi:1", "ext-legacy:1", "ext-badhook:1", "ext-orphan-ok:1", "app:1"}
+    assert "removed image ext-orphan:1" in proc.stderr  # stale by its own labels, no container at all
+    assert "removed volume boot-old of oldkernel" in proc.stderr
 
-    # The hook fixed, the next run finishes the job; a different kernel ABI makes `abi` stale too.
-    (d.volume_dir("boot-stuck") / "deactivate").write_text("#!/bin/sh\nexit 0\n")
+    # A different kernel ABI makes `abi` stale too; its image goes with it. Then nothing is left to do.
     proc = d.manager("--stale-os", abi="f" * 64)
     assert proc.returncode == 0, proc.stderr
     assert d.names() == {"ok", "dead-app", "app"}
     assert f"removed abi ({d.ids['abi'][:12]}): kernel ABI {ABI} does not match" in proc.stderr
+    assert "ext-abi:1" not in images(d) and "ext-ok:1" in images(d)
+    proc = d.manager("--stale-os", abi="f" * 64)
+    assert proc.returncode == 0 and "nothing to remove" in proc.stderr, proc.stderr
+
+
+def volumes(d: Device) -> set[str]:
+    return set(d.engine.docker("volume", "ls", "-q").split())
+
+
+def images(d: Device) -> set[str]:
+    return set(d.engine.docker("images", "--format", "{{.Repository}}:{{.Tag}}").split())
+
+
+def test_the_go_name_and_its_flags(device: Device) -> None:
+    """balena-extension-manager, as a device's units call it: --log-level, DOCKER_HOST as a bare path."""
+    go = Path(sys.executable).parent / "balena-extension-manager"
+    env = {"PATH": os.environ["PATH"], "DOCKER_HOST": device.engine.host.removeprefix("unix://")}
+    proc = subprocess.run([str(go), "--log-level", "error", "cleanup"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert (proc.returncode, proc.stderr) == (0, "")  # nothing to remove, and info is below error
+    proc = subprocess.run([str(go), "cleanup"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "balena-extension-manager: nothing to remove" in proc.stderr
+    proc = subprocess.run([str(go), "cleanup"], capture_output=True, text=True, timeout=300,
+                          env={"PATH": os.environ["PATH"]})
+    assert proc.returncode == 1 and "/var/run/balena-engine.sock" in proc.stderr  # the Go tool's default

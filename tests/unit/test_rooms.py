@@ -23,7 +23,7 @@ ISLAND = ("core", "initrd")
 # The standard library modules the boot path may use, and why each.
 ALLOWED = {
     "__future__": "annotations",
-    "os": "everything", "stat": "file types", "sys": "streams", "time": "timings",
+    "os": "everything", "stat": "file types", "sys": "streams", "time": "timings", "errno": "error numbers",
     "_json": "the C JSON scanner and encoder (mobynit.core.jsonio), without json's re",
     "select": "waiting for uevents", "socket": "the uevent netlink socket", "struct": "superblocks and partition tables",
 }

@@ -114,8 +114,8 @@ class Rt:
 
 
 def run_files(argv: list[str], env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Run with stdout and stderr in files, as the shim passes them: the proxy
-    keeps the container's stdio open, so a pipe would not see EOF until it exits."""
+    """Run with stdout and stderr in files, as the shim passes them (tests/unit/test_runtime_compat.py
+    reads them through pipes, as a shell's $(...) does)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         rc = subprocess.run(argv, stdout=out, stderr=err, env=env, timeout=120).returncode
         out.seek(0)
@@ -218,7 +218,9 @@ def test_state_rules(rt: Rt, tmp_path: Path) -> None:
     rt("start", "ext1")
     assert exit_status(pid) == 0
     assert "it is stopped, not created" in rt.fail("start", "ext1")
-    assert "container not running" in rt.fail("kill", "ext1", "TERM")
+    assert "container not running" in rt.fail("kill", "ext1", "HUP")
+    rt("kill", "ext1", "TERM")  # asks for it to be stopped: it is, so that succeeds
+    rt("kill", "ext1", "9")
     assert b.steps() == ["create", "start"]
     rt("delete", "ext1")
     for call in (("start", "ext1"), ("kill", "ext1"), ("delete", "ext1"), ("state", "ext1")):
@@ -272,7 +274,8 @@ def test_pid_reuse_is_not_mistaken_for_the_proxy(rt: Rt, tmp_path: Path) -> None
         doc["pid"] = other.pid  # as if the proxy died and its pid went to `sleep`
         path.write_text(json.dumps(doc))
         assert rt.state("ext1")["status"] == "stopped"
-        assert "container not running" in rt.fail("kill", "ext1", "KILL")
+        assert "container not running" in rt.fail("kill", "ext1", "HUP")
+        rt("kill", "ext1", "KILL")  # the container is stopped, as asked: `other` is not signalled
         rt("delete", "ext1")
         assert other.poll() is None
     finally:
@@ -288,7 +291,7 @@ def test_pid_reuse_is_not_mistaken_for_the_proxy(rt: Rt, tmp_path: Path) -> None
 def test_create_rejects_a_container_without_extension_labels(rt: Rt, tmp_path: Path) -> None:
     b = Bundle(tmp_path, labels={"io.balena.image.kernel-version": "6.1.0"})
     msg = rt.fail("create", "--bundle", str(b.path), "--pid-file", str(tmp_path / "pid"), "ext1")
-    assert "container ext1 is not an extension" in msg and "io.balena.image.class=overlay" in msg
+    assert "container ext1 is not an extension: missing required label io.balena.image.class" in msg
     assert b.steps() == [] and not (tmp_path / "pid").exists()
     assert leftovers(rt) == []
 
@@ -418,6 +421,8 @@ def test_hooks_get_a_clean_environment(rt: Rt, tmp_path: Path) -> None:
         "EXTENSION_IMAGE_REQUIRES_REBOOT": "1",
         "EXTENSION_VOLUME_DATA_MY_VOL": str(vol),
         "EXTENSION_VOLUME_BOOT": "/srv/boot",
+        "EXTENSION_VOLUME_ETC_HOSTS": "/etc/hosts",  # every mount, as the Go tool passes them
+        "EXTENSION_VOLUME_PROC": "proc",
     }
     for step in ("create", "start", "delete"):
         seen = json.loads((tmp_path / f"env.{step}").read_text())
@@ -426,11 +431,13 @@ def test_hooks_get_a_clean_environment(rt: Rt, tmp_path: Path) -> None:
 
 
 def test_env_name_rules() -> None:
+    """The Go tool's names (only `-` and `/` become `_`), and a portable one beside a name no shell can read."""
     env = hooks.hook_env("/r", {"io.balena.image.kernel-abi-id": "1", "io.balena.image.x.y": "2",
                                   "io.balena.image.": "skip", "io.balena.service-name": "no"},
-                           {"/data/my-vol": "/v", "/": "/root-skip"})
+                           {"/data/my-vol": "/v", "/": "/root-skip", "/a.b": "/ab", "/x=y": "/xy", "relative": "no"})
     assert env == {"PATH": hooks.HOOK_PATH, "EXTENSION_ROOTFS": "/r", "EXTENSION_IMAGE_KERNEL_ABI_ID": "1",
-                   "EXTENSION_IMAGE_X_Y": "2", "EXTENSION_VOLUME_DATA_MY_VOL": "/v"}
+                   "EXTENSION_IMAGE_X.Y": "2", "EXTENSION_IMAGE_X_Y": "2", "EXTENSION_VOLUME_DATA_MY_VOL": "/v",
+                   "EXTENSION_VOLUME_A.B": "/ab", "EXTENSION_VOLUME_A_B": "/ab", "EXTENSION_VOLUME_X_Y": "/xy"}
     assert hooks.hook_env(None, {}, {}) == {"PATH": hooks.HOOK_PATH}
 
 
@@ -496,7 +503,8 @@ def test_a_failing_delete_hook_keeps_the_state_unless_forced(rt: Rt, tmp_path: P
 def test_a_hook_that_hangs_is_killed_with_its_children(rt: Rt, tmp_path: Path) -> None:
     b = Bundle(tmp_path)
     marker = tmp_path / "grandchild"
-    b.set_hook("create", hook(f'sh -c \'echo $$ > "{marker}"; exec sleep 600\' & wait'))
+    # $$ is the pid in the hook's own PID namespace; /proc/self (host's /proc) gives the real one.
+    b.set_hook("create", hook(f'sh -c \'read p _ < /proc/self/stat; echo $p > "{marker}"; exec sleep 600\' & wait'))
     env = dict(rt.env, **{hooks.HOOK_TIMEOUT_ENV: "1"})
     msg = rt.fail("create", "--bundle", str(b.path), "--pid-file", str(tmp_path / "pid"), "ext1", env=env)
     assert f"hook {b.rootfs}/hooks/create did not finish within 1 s and was killed" in msg
@@ -580,7 +588,6 @@ def test_racing_creates_make_one_container(rt: Rt, tmp_path: Path) -> None:
     [
         (("--bogus", "state", "x"), "unknown option '--bogus'"),
         (("create", "--bundle", "b", "--pid-file", "p", "--frobnicate", "x"), "create: unknown option '--frobnicate'"),
-        (("create", "--pid-file", "p", "x"), "create: --bundle is required"),
         (("create", "--bundle"), "option --bundle needs a value"),
         (("exec", "x"), "'exec' is not supported"),
         (("frob",), "unknown command 'frob'"),
@@ -629,5 +636,6 @@ def test_parse_signal() -> None:
 def test_spec_volumes_rejects_malformed_mounts(tmp_path: Path) -> None:
     with pytest.raises(RuntimeFailure, match="mounts is not a list"):
         spec.spec_volumes({"mounts": {}}, "cfg")
-    with pytest.raises(RuntimeFailure, match="has no destination or source"):
-        spec.spec_volumes({"mounts": [{"destination": "/x", "type": "bind"}]}, "cfg")
+    with pytest.raises(RuntimeFailure, match="has no destination"):
+        spec.spec_volumes({"mounts": [{"source": "/x", "type": "bind"}]}, "cfg")
+    assert spec.spec_volumes({"mounts": [{"destination": "/x", "type": "tmpfs"}, {"destination": "y"}]}, "c") == {"/x": ""}
