@@ -71,18 +71,27 @@ def read_hostapp(where: Layout) -> Container:
         raise HostappError(f"cannot read the hostapp: {e}") from None
 
 
-def find_extensions(where: Layout, cmdline: Cmdline, kernel_release: str) -> tuple[list[Extension], str | None, str | None]:
-    """(extensions, disabled_by, disabled_reason): the store is not read at all when extensions are off."""
+def find_extensions(
+    where: Layout, cmdline: Cmdline, kernel_release: str, data_reason: str | None = None
+) -> tuple[list[Extension], str | None, str | None]:
+    """(extensions, disabled_by, disabled_reason): the store is not read at all when extensions are off.
+
+    `data_reason` says why there is no data partition, when the caller knows
+    (boot): it becomes the one line about it.
+    """
     token = cmdline.extensions_disabled_by()
     if token is not None:
         return [], token, f"extensions disabled by {shown(token)} on the kernel command line"
     if where.data is None or where.data_store is None:
-        return [], None, "no data partition given: hostapp only"
+        return [], None, f"{shown(data_reason, 1000) if data_reason else 'no data partition given'}: hostapp only"
     if not os.path.isdir(where.data):
         return [], None, f"data partition not found at {where.data}: hostapp only"
     if where.purge_marker and not os.path.lexists(where.purge_marker):
         return [], None, f"{where.purge_marker} is missing (a data reset is pending): extensions not overlaid"
-    return Store(where.data_store).scan(label.is_extension, kernel_release), None, None
+    try:
+        return Store(where.data_store).scan(label.is_extension, kernel_release), None, None
+    except StoreError as e:  # a `docker` that is a file, a directory the file system cannot read
+        return [], None, f"extension store unreadable ({e}): hostapp only"
 
 
 class Selection(Record):
@@ -97,12 +106,13 @@ class Selection(Record):
 
 
 def select(
-    where: Layout, cmdline: Cmdline, kernel_release: str, *, extensions: bool = True, timings: dict[str, float] | None = None
+    where: Layout, cmdline: Cmdline, kernel_release: str, *, extensions: bool = True, timings: dict[str, float] | None = None,
+    data_reason: str | None = None,
 ) -> Selection:
     t0 = time.perf_counter()
     hostapp = read_hostapp(where)
     if extensions:
-        found, token, why = find_extensions(where, cmdline, kernel_release)
+        found, token, why = find_extensions(where, cmdline, kernel_release, data_reason)
     else:
         found, token, why = [], None, "hostapp only"
     host = None
@@ -314,16 +324,18 @@ def assemble(
     extensions: bool = True,
     layout: str | None = None,
     attempts_file: str | None = None,
+    data_reason: str | None = None,
 ) -> dict[str, object]:
     """Mount the read-only root at `target`; return the record of what was done.
 
     With `attempts_file`, boots with extensions are counted there, and after
     `mobynit.max_tries` unconfirmed ones the hostapp is mounted alone (see attempts.py).
+    `data_reason`: why `data` is None, said once instead of a generic line.
     """
     timings: dict[str, float] = {}
     where = locate(sysroot, data, hostapp_store=hostapp_store, data_store=data_store, purge_marker=purge_marker)
     args = Cmdline(cmdline)
-    sel = select(where, args, kernel_release, extensions=extensions, timings=timings)
+    sel = select(where, args, kernel_release, extensions=extensions, timings=timings, data_reason=data_reason)
     exclude: dict[str, str] = {}
     first = None
     tries = previous = None
@@ -331,7 +343,7 @@ def assemble(
     if attempts_file is not None:
         from mobynit.core import attempts
 
-        tries = attempts.max_tries(args.get(attempts.CMDLINE_MAX_TRIES))
+        tries = attempts.max_tries(args.get(attempts.CMDLINE_MAX_TRIES), log)
         previous = attempts.read(attempts_file)
         t0 = time.perf_counter()
         first = make_plan(sel, target=target, workdir=workdir, page_size=page_size, layout=layout)
