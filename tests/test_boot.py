@@ -542,7 +542,7 @@ def test_runner_kills_and_reaps_at_the_hard_timeout(kit):
     machine = boot_kit.runner.Machine(kit.kernel.vmlinuz, kit.initrd,
                                       "console=ttyS0 root=LABEL=nowhere mobynit.wait=600", timeout=120)
     with boot_kit.runner.Run(machine, boot_kit.LOGS / "runner-timeout.log", "runner-timeout") as run:
-        assert run.expect("mobynit: waiting up to 600 s for LABEL=nowhere", 120), run.console.text()[-3000:]
+        assert run.expect("mobynit: waiting up to 600 s for root partition LABEL=nowhere", 120), run.console.text()[-3000:]
         res = run.result(run.wait(timeout=1))
         assert res.timed_out
         assert run.proc.poll() is not None
