@@ -20,7 +20,8 @@ and the root partition to /mnt/sysroot/active, leave the boot record at
 Command line (besides the switches the assembler reads):
   root=DEV            root partition (LABEL=, UUID=, PARTUUID=, PARTLABEL=, /dev/...)
   rootfstype=TYPE     its file system, ext4 when absent
-  mobynit.data=DEV    data partition, LABEL=resin-data when absent; `none` for no data partition
+  mobynit.data=DEV    data partition, LABEL=resin-data when absent (by label: only from the
+                      root partition's disk, see partitions.py); `none` for no data partition
   mobynit.wait=SECS   how long to wait for each of them to appear (30)
   init=PATH           the new root's init, /sbin/init when absent
   mobynit.shell       a rescue shell instead of a panic when the hostapp cannot boot
