@@ -170,10 +170,12 @@ def loader_partuuid(efivars: str = EFIVARS) -> str | None:
         return None
     path = os.path.join(efivars, LOADER_PARTUUID)
     mounted = False
-    if not os.path.exists(path) and efivars == EFIVARS and not os.listdir(efivars):
+    if not os.path.exists(path) and efivars == EFIVARS:
         from mobynit.core import syscalls
 
         try:
+            if os.listdir(efivars):
+                return None  # efivarfs is there, without the variable: not systemd-boot
             syscalls.mount("efivarfs", efivars, "efivarfs",
                            syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)
             mounted = True
