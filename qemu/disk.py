@@ -34,6 +34,10 @@ class Partition:
     tree: Path | None  # None: an empty file system
     size_mib: int = 0  # 0: fit the tree
     uuid: str | None = None  # None: a random one
+    # Damage, for the tests of what boot does with a broken partition:
+    errors: str | None = None  # the superblock's error behaviour (tune2fs -e): continue, remount-ro, panic
+    broken_dirs: tuple[str, ...] = ()  # directories whose inode gets an invalid extent header
+    zero_superblock: bool = False  # no readable file system left
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,21 @@ def make_ext4(image: Path, label: str, tree: Path | None, size_mib: int = 0, uui
     return size_mib
 
 
+def damage(image: Path, part: Partition) -> None:
+    """Break a partition image the ways a test asks for. A directory whose
+    inode's extent header is zeroed is an ext4 error the moment the kernel
+    looks it up (e2fsck reports it too); the superblock's error behaviour then
+    decides between going on, remounting read-only and a kernel panic."""
+    if part.errors is not None:
+        _run("tune2fs", "-e", part.errors, str(image))
+    for path in part.broken_dirs:
+        _run("debugfs", "-w", "-R", f"sif {path} block[0] 0", str(image))
+    if part.zero_superblock:
+        with open(image, "r+b") as f:
+            f.seek(1024)
+            f.write(bytes(1024))
+
+
 def make_disk(path: Path, partitions: list[Partition], signature: int = 0x6D6F6279) -> Disk:
     """One raw disk holding `partitions`, in order, behind an MBR table."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,6 +103,7 @@ def make_disk(path: Path, partitions: list[Partition], signature: int = 0x6D6F62
     for n, part in enumerate(partitions, start=1):
         image = work / f".{path.name}.p{n}"
         images.append((image, make_ext4(image, part.label, part.tree, part.size_mib, part.uuid)))
+        damage(image, part)
     total = 1 + sum(size for _, size in images) + 1
     path.unlink(missing_ok=True)
     with open(path, "wb") as f:

@@ -38,19 +38,28 @@ def read_hostapp(where: StorePaths) -> Container:
         raise HostappError(f"cannot read the hostapp: {e}") from None
 
 
-def find_extensions(where: StorePaths, cmdline: Cmdline, kernel_release: str) -> tuple[list[Extension], str | None, str | None]:
-    """(extensions, disabled_by, disabled_reason): the store is not read at all when extensions are off."""
+def find_extensions(
+    where: StorePaths, cmdline: Cmdline, kernel_release: str, data_reason: str | None = None
+) -> tuple[list[Extension], str | None, str | None]:
+    """(extensions, disabled_by, disabled_reason): the store is not read at all when extensions are off.
+
+    `data_reason` says why there is no data partition, when the caller knows
+    (boot): it becomes the one line about it.
+    """
     token = cmdline.extensions_disabled_by()
     if token is not None:
         return [], token, f"extensions disabled by {shown(token)} on the kernel command line"
     if where.data is None or where.data_store is None:
-        return [], None, "no data partition given: hostapp only"
+        return [], None, f"{shown(data_reason, 1000) if data_reason else 'no data partition given'}: hostapp only"
     if not os.path.isdir(where.data):
         return [], None, f"data partition not found at {where.data}: hostapp only"
     problem = _marker_problem(where.purge_marker) if where.purge_marker else None
     if problem is not None:
         return [], None, f"{where.purge_marker} {problem} (a data reset may be pending): extensions not overlaid"
-    return Store(where.data_store).scan(label.is_extension, kernel_release), None, None
+    try:
+        return Store(where.data_store).scan(label.is_extension, kernel_release), None, None
+    except StoreError as e:  # a `docker` that is a file, a directory the file system cannot read
+        return [], None, f"extension store unreadable ({e}): hostapp only"
 
 
 def _marker_problem(path: str) -> str | None:
@@ -86,12 +95,13 @@ class Selection(Record):
 
 
 def select(
-    where: StorePaths, cmdline: Cmdline, kernel_release: str, *, extensions: bool = True, timings: dict[str, float] | None = None
+    where: StorePaths, cmdline: Cmdline, kernel_release: str, *, extensions: bool = True,
+    timings: dict[str, float] | None = None, data_reason: str | None = None,
 ) -> Selection:
     t0 = time.perf_counter()
     hostapp = read_hostapp(where)
     if extensions:
-        found, token, why = find_extensions(where, cmdline, kernel_release)
+        found, token, why = find_extensions(where, cmdline, kernel_release, data_reason)
     else:
         found, token, why = [], None, "hostapp only"
     host = None
@@ -279,14 +289,16 @@ def assemble(
     log: Callable[[str], None] = lambda line: None,
     layout: str | None = None,
     attempts_file: str | None = None,
+    data_reason: str | None = None,
 ) -> BootRecord:
     """Mount the read-only root at `target`; return the record of what was done.
 
     With `attempts_file`, boots with extensions are counted there, and after
     `mobynit.max_tries` unconfirmed ones the hostapp is mounted alone (see attempts.py).
+    `data_reason`: why `data` is None, said once instead of a generic line.
     """
     timings: dict[str, float] = {}
-    sel = select(where, cmdline, kernel_release, timings=timings)
+    sel = select(where, cmdline, kernel_release, timings=timings, data_reason=data_reason)
     exclude: dict[str, str] = {}
     first = None
     counting = None
@@ -294,7 +306,7 @@ def assemble(
     if attempts_file is not None:
         from mobynit.core import attempts
 
-        tries = attempts.max_tries(cmdline.get(attempts.CMDLINE_MAX_TRIES))
+        tries = attempts.max_tries(cmdline.get(attempts.CMDLINE_MAX_TRIES), log)
         previous = attempts.read(attempts_file)
         t0 = time.perf_counter()
         first = make_plan(sel, target=target, workdir=workdir, page_size=page_size, layout=layout)

@@ -25,7 +25,7 @@ from mobynit.core.store import is_id
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 VERSION = 1
 DEFAULT_MAX_TRIES = 3
@@ -85,10 +85,15 @@ def write(path: str, attempts: Attempts) -> None:
     write_atomic(path, (jsonio.dumps(doc) + "\n").encode(), 0o600)
 
 
-def max_tries(value: str | None) -> int:
-    """`mobynit.max_tries=N` (N >= 1); anything else means the default."""
-    if value is not None and value.isascii() and value.isdigit() and 0 < int(value) < 1000:
+def max_tries(value: str | None, log: Callable[[str], None] | None = None) -> int:
+    """`mobynit.max_tries=N` (1 <= N < 1000); anything else means the default,
+    which `log` is told once, as boot tells of a bad `mobynit.wait`."""
+    if value is None:
+        return DEFAULT_MAX_TRIES
+    if value.isascii() and value.isdigit() and 0 < int(value) < 1000:
         return int(value)
+    if log is not None:
+        log(f"{CMDLINE_MAX_TRIES}={value} is not a whole number from 1 to 999; using the default, {DEFAULT_MAX_TRIES}")
     return DEFAULT_MAX_TRIES
 
 

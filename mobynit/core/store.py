@@ -12,6 +12,7 @@ StoreError naming the file; the caller decides whether that sinks a boot
 from __future__ import annotations
 
 import os
+import stat
 
 from mobynit.core import jsonio
 from mobynit.core import labels as label
@@ -186,16 +187,32 @@ class Store:
 
         A container that cannot be read but looks like an extension comes back
         with a `fault`; one that is plainly an application is not returned.
+        A store or `containers` that is missing is an empty store (nothing
+        installed yet); one that cannot be read (`docker` a file, a directory
+        the file system reports damaged) raises StoreError, so that it is said.
         """
         try:
-            self._require_shared_dir(self.containers)
+            if not stat.S_ISDIR(os.stat(self.root).st_mode):
+                raise StoreError(f"{self.root}: not a directory")
+            st = os.lstat(self.containers)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise StoreError(f"{e.filename}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise StoreError(f"{self.containers}: not a directory (a symlink is not followed)")
+        self._checked.add(self.containers)
+        try:
             fd = os.open(self.containers, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except (StoreError, OSError):
-            return []  # no containers at all: an empty or fresh store
+        except OSError as e:
+            raise StoreError(f"{self.containers}: cannot open: {e.strerror}") from None
         found: list[Extension] = []
         try:
-            with os.scandir(fd) as entries:
-                names = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in entries)
+            try:
+                with os.scandir(fd) as entries:
+                    names = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in entries)
+            except OSError as e:
+                raise StoreError(f"{self.containers}: cannot read: {e.strerror}") from None
             for name, is_dir in names:
                 ext = self._scan_one(fd, name, is_dir, wanted, release)
                 if ext is not None:

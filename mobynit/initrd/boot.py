@@ -20,7 +20,8 @@ and the root partition to /mnt/sysroot/active, leave the boot record at
 Command line (besides the switches the assembler reads):
   root=DEV            root partition (LABEL=, UUID=, PARTUUID=, PARTLABEL=, /dev/...)
   rootfstype=TYPE     its file system, ext4 when absent
-  mobynit.data=DEV    data partition, LABEL=resin-data when absent; `none` for no data partition
+  mobynit.data=DEV    data partition, LABEL=resin-data when absent (by label: only from the
+                      root partition's disk, see partitions.py); `none` for no data partition
   mobynit.wait=SECS   how long to wait for each of them to appear (30)
   init=PATH           the new root's init, /sbin/init when absent
   mobynit.shell       a rescue shell instead of a panic when the hostapp cannot boot
@@ -37,10 +38,10 @@ _IMPORTED = time.clock_gettime(time.CLOCK_BOOTTIME)  # before the package's own 
 
 from mobynit.core import assemble as assembler
 from mobynit.core import attempts, cmdline, syscalls
-from mobynit.core.errors import HostappError, MobynitError, StoreError
+from mobynit.core.errors import HostappError, MobynitError, StoreError, shown
 from mobynit.core.paths import ACTIVE_SYSROOT, store_paths
 from mobynit.core.record import DEFAULT_RECORD, BootInfo, BootRecord, Partition
-from mobynit.initrd import blockdev
+from mobynit.initrd import blockdev, partitions
 from mobynit.initrd.console import Console
 
 EXIT_HANDOVER = 0
@@ -80,45 +81,58 @@ class Boot:
         self.python_ready = round(uptime(), 3)
         self.root: Partition | None = None
         self.data: Partition | None = None
+        self._wait: float | None = None
+        self.root_part: blockdev.Part | None = None
+        self.data_reason: str | None = None  # why there is no data partition, for the assembler to say
 
     def timed(self, phase: str, start: float) -> None:
         self.phases[phase] = round(time.monotonic() - start, 4)
 
     def wait(self) -> float:
+        """`mobynit.wait`, read (and warned about) once for both partitions."""
+        if self._wait is not None:
+            return self._wait
         value = self.cmd.get("mobynit.wait")
-        if value is None:
-            return DEFAULT_WAIT
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = -1.0
-        if not 0 <= seconds < 3600:
-            self.log(f"mobynit.wait={value} is not a number of seconds; waiting {DEFAULT_WAIT:g} s")
-            return DEFAULT_WAIT
+        seconds = DEFAULT_WAIT
+        if value is not None:
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = -1.0
+            if not 0 <= seconds < 3600:
+                self.log(f"mobynit.wait={value} is not a number of seconds from 0 to 3600; "
+                         f"using the default, {DEFAULT_WAIT:g} s")
+                seconds = DEFAULT_WAIT
+        self._wait = seconds
         return seconds
-
-    def find(self, what: str, text: str, phase: str) -> tuple[str | None, str]:
-        """(device path, or None and why not) for the partition `text` names."""
-        try:
-            spec = blockdev.DeviceSpec(text)
-        except ValueError as e:
-            return None, f"{what}: {e}"
-        start = time.monotonic()
-        path, waited = blockdev.wait_for(spec, self.wait(), log=self.log)
-        self.timed(phase, start)
-        if path is None:
-            return None, f"{what} {spec} did not appear within {waited:.1f} s"
-        if waited > 0:
-            self.log(f"{spec} appeared as {path} after {waited:.2f} s")
-        return path, ""
 
     def mount_root(self) -> None:
         text = self.cmd.get("root")
         if not text:
             raise HostappError("no root= on the kernel command line: cannot find the root partition")
-        path, why = self.find("root partition", text, "wait_root")
-        if path is None:
-            raise HostappError(why)
+        try:
+            spec = blockdev.DeviceSpec(text)
+        except ValueError as e:
+            raise HostappError(f"root partition: {e}") from None
+        start = time.monotonic()
+        hint = partitions.loader_partuuid()
+        if hint is not None:
+            self.console.debug(f"the boot loader came from PARTUUID={hint} (LoaderDevicePartUUID)")
+        choice, waited = partitions.settle(
+            lambda snap, final: partitions.choose_root(snap, spec, hint, final),
+            self.wait(), f"root partition {spec}", self.log)
+        self.timed("wait_root", start)
+        if choice.part is None:
+            raise HostappError(choice.why or f"root partition {spec} not found")
+        root = choice.part
+        path = spec.value if spec.key == "PATH" else root.path
+        if waited > 0:
+            self.log(f"{spec} appeared as {path} after {waited:.2f} s")
+        if choice.ignored:
+            ident = blockdev.ext_identity(root.path)
+            like = f" ({shown(ident[0])})" if ident is not None else ""
+            self.log(f"ignoring {partitions.names(choice.ignored)}: named like the root partition{like}, "
+                     f"but not on its disk {root.disk}")
         fstype = self.cmd.get("rootfstype") or "ext4"
         start = time.monotonic()
         os.makedirs(SYSROOT, exist_ok=True)
@@ -127,11 +141,13 @@ class Boot:
         except OSError as e:
             raise HostappError(f"cannot mount root partition {path} ({fstype}) read-only: {e.strerror}") from None
         self.timed("mount_root", start)
+        self.root_part = root
         self.root = Partition(spec=text, device=path, fstype=fstype)
         self.log(f"root {_named(text, path)}, mounted read-only")
 
     def mount_data(self) -> str | None:
-        """The data partition's mount point, or None to boot without extensions."""
+        """The data partition's mount point, or None to boot without extensions
+        (the reason, kept in data_reason, is the assembler's line to say)."""
         text = self.cmd.get("mobynit.data") or DEFAULT_DATA
         self.data = Partition(spec=text, device=None)
         switch = self.cmd.extensions_disabled_by()
@@ -140,29 +156,54 @@ class Boot:
             # The assembler says why extensions are off; this is only the consequence.
             self.console.debug(f"data partition not mounted: extensions disabled by {switch}")
             return None
-        if text == "none":
-            self.data = self.data.replace(reason="mobynit.data=none")
-            self.log("no data partition (mobynit.data=none): no extensions")
-            return None
-        path, why = self.find("data partition", text, "wait_data")
+        path, why = self._find_data(text)
         if path is None:
             self.data = self.data.replace(reason=why)
-            self.log(f"{why}: booting without extensions")
+            self.data_reason = why
             return None
         start = time.monotonic()
         os.makedirs(DATA, exist_ok=True)
         try:
             # Read-write, as the booted system mounts it: an ext4 superblock
             # held read-only by the overlay would make that mount fail (EBUSY).
-            syscalls.mount(path, DATA, "ext4", syscalls.MS_NOSUID | syscalls.MS_NODEV)
+            # errors=remount-ro: whatever its superblock says (errors=panic), a
+            # damaged data partition must not take the kernel down with it.
+            syscalls.mount(path, DATA, "ext4", syscalls.MS_NOSUID | syscalls.MS_NODEV, "errors=remount-ro")
         except OSError as e:
-            self.data = self.data.replace(reason=f"mount failed: {e.strerror}")
-            self.log(f"cannot mount data partition {path}: {e.strerror}: booting without extensions")
+            self.data_reason = f"cannot mount data partition {path}: {e.strerror}"
+            self.data = self.data.replace(reason=self.data_reason)
             return None
         self.timed("mount_data", start)
         self.data = self.data.replace(device=path)
-        self.log(f"data {_named(text, path)}")
         return DATA
+
+    def _find_data(self, text: str) -> tuple[str | None, str]:
+        """(the data partition's device, or None and why not); names on the
+        console any partition that carries its name but is not trusted."""
+        if text == "none":
+            return None, "no data partition (mobynit.data=none)"
+        try:
+            spec = blockdev.DeviceSpec(text)
+        except ValueError as e:
+            return None, f"data partition: {e}"
+        root = self.root_part
+        assert root is not None, "the root partition is found first"
+        start = time.monotonic()
+        choice, waited = partitions.settle(
+            lambda snap, final: partitions.choose_data(snap, spec, root, final),
+            self.wait(), f"data partition {spec}", self.log)
+        self.timed("wait_data", start)
+        if choice.ignored:
+            self.log(f"ignoring {partitions.names(choice.ignored)}: it carries {spec}, but only the root "
+                     f"partition's disk {root.disk} is trusted for it")
+        if choice.part is None:
+            return None, choice.why or f"data partition {spec} not found"
+        path = spec.value if spec.key == "PATH" else choice.part.path
+        if waited > 0:
+            self.log(f"{spec} appeared as {path} after {waited:.2f} s")
+        where = "" if choice.part.disk == root.disk else f", on disk {choice.part.disk} as named (the root partition is on {root.disk})"
+        self.log(f"data {_named(text, path)}{where}")
+        return path, ""
 
     def assemble(self, data: str | None) -> BootRecord:
         start = time.monotonic()
@@ -179,6 +220,7 @@ class Boot:
             # Boots with extensions are counted on the data partition; unconfirmed
             # ones make later boots mount the hostapp alone (docs/fallback.md).
             attempts_file=None if data is None else attempts.state_path(data),
+            data_reason=self.data_reason,
         )
         self.timed("assemble", start)
         if data is not None:

@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tests.harness.device import Device, build_device
@@ -24,6 +24,12 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache"
 LOGS = REPO / "build" / "boot-logs"
 BASE_CMDLINE = "console=ttyS0 root=LABEL=resin-rootA"
+BY_PARTUUID = "console=ttyS0 root=PARTUUID=6d6f6279-01"  # the device's own root, whatever else is plugged in
+# A stick an attacker plugs in: its own disk signature and file system UUIDs.
+ROGUE_SIGNATURE = 0x726F6775
+ROGUE_ROOT_UUID = "726f6775-6500-4000-8000-726f6f744131"
+ROGUE_DATA_UUID = "726f6775-6500-4000-8000-646174613031"
+ROGUE_MARK = "/etc/rogue-was-here"
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class Scenario:
     late_disk: str | None = None  # a key of DISKS, plugged in once the guest waits
     timeout: float = 120.0
     base: str = BASE_CMDLINE
+    extra: tuple[str, ...] = ()  # more disks (keys of DISKS), after `disk`
 
 
 def plug_when_waiting(run: runner.Run) -> None:
@@ -72,7 +79,20 @@ SCENARIOS: dict[str, Scenario] = {
             (r"^ROOT-MOUNTED", "poweroff -f\n"),
         ),
     ),
-    "late-data": Scenario("full-nodata", late_disk="full-dataonly"),
+    "late-data": Scenario("full-nodata", f"mobynit.data=UUID={disk.DATA_UUID}", late_disk="full-dataonly"),
+    # Issue 13: a second disk carrying the device's partition names, in both orders.
+    "rogue-data-first": Scenario("rogue-data", extra=("full",)),
+    "rogue-data-second": Scenario("full", extra=("rogue-data",)),
+    "rogue-root-first": Scenario("rogue-root", extra=("full",), base=BY_PARTUUID),
+    "rogue-root-second": Scenario("full", extra=("rogue-root",), base=BY_PARTUUID),
+    "ambiguous-root": Scenario("full", "panic=1", extra=("rogue-root",)),
+    "data-label-elsewhere": Scenario("full-nodata", "mobynit.wait=600", extra=("full-dataonly",)),
+    "data-partuuid-elsewhere": Scenario("full-nodata", "mobynit.data=PARTUUID=64617461-01", extra=("full-dataonly",)),
+    "data-path-elsewhere": Scenario("full-nodata", "mobynit.data=/dev/vdb1", extra=("full-dataonly",)),
+    "damaged-data": Scenario("damaged-data", "mobynit.wait=600"),
+    "data-errors": Scenario("data-errors"),
+    "root-errors": Scenario("root-errors"),  # no panic=: /init's own setting must reboot it
+    "bad-numbers": Scenario("full", "mobynit.wait=soon mobynit.max_tries=many"),
     "debian": Scenario("debian", timeout=300.0),
 }
 
@@ -117,6 +137,11 @@ class Disks:
                 dev = debian.build(where, CACHE)
             elif name == "bad-init":  # tests/boot/test_boot_fallback.py
                 dev = build_device(where, devices.probe_hostapp(), devices.bad_init_extensions())
+            elif name == "rogue":  # an attacker's stick: its own hostapp, an override for the device's
+                rogue = devices.extension("rogue", {"etc/hostapp-file": "patched by rogue\n",
+                                                    ROGUE_MARK.lstrip("/"): "rogue\n"}, override=1)
+                dev = build_device(where, devices.probe_hostapp("rogue-hostapp", {ROGUE_MARK.lstrip("/"): "rogue\n"}),
+                                   (rogue,))
             else:
                 raise KeyError(name)
             self.devices[name] = dev
@@ -135,6 +160,22 @@ class Disks:
             dev = self.device(name)
             return disk.device_disk(path, dev.sysroot, dev.data)
         full = self.device("full")
+        if name in ("rogue-data", "rogue-root"):
+            rogue = self.device("rogue")
+            parts = [disk.Partition(disk.DATA_LABEL, rogue.data, uuid=ROGUE_DATA_UUID)]
+            if name == "rogue-root":
+                parts.insert(0, disk.Partition(disk.ROOT_LABEL, rogue.sysroot, uuid=ROGUE_ROOT_UUID))
+            return disk.make_disk(path, parts, signature=ROGUE_SIGNATURE)
+        if name in ("damaged-data", "data-errors", "root-errors"):
+            root = disk.Partition(disk.ROOT_LABEL, full.sysroot, uuid=disk.ROOT_UUID)
+            data = disk.Partition(disk.DATA_LABEL, full.data, uuid=disk.DATA_UUID)
+            if name == "damaged-data":
+                data = replace(data, zero_superblock=True)
+            elif name == "data-errors":  # errors=panic in the superblock, and a lookup that hits the damage
+                data = replace(data, errors="panic", broken_dirs=("/docker/containers",))
+            else:
+                root = replace(root, errors="panic", broken_dirs=("/balena/containers",))
+            return disk.make_disk(path, [root, data])
         if name == "full-nodata":
             return disk.device_disk(path, full.sysroot, None)
         if name == "full-dataonly":
@@ -184,7 +225,8 @@ class Kit:
         late = (self.disks.get(scenario.late_disk).path,) if scenario.late_disk else ()
         return runner.Machine(
             kernel=self.kernel.vmlinuz, initrd=self.initrd, cmdline=cmdline,
-            disks=(self.disks.get(scenario.disk).path,), hotplug=late, timeout=scenario.timeout,
+            disks=tuple(self.disks.get(d).path for d in (scenario.disk, *scenario.extra)), hotplug=late,
+            timeout=scenario.timeout,
         )
 
     def boot(self, names: list[str]) -> None:

@@ -271,21 +271,171 @@ def test_no_data_partition(booted):
     res = booted("no-data")
     reached_init(res)
     said = res.console.mobynit()
-    assert "waiting up to 2 s for LABEL=resin-data" in said, lines(res)
-    gone = [line for line in said if line.startswith("data partition LABEL=resin-data did not appear within")]
-    assert len(gone) == 1 and gone[0].endswith(": booting without extensions"), lines(res)
+    # The root's disk holds one partition, and its table says so: nothing to wait for.
+    assert not any(line.startswith("waiting up to") for line in said), lines(res)
+    assert said.count("no partition of disk vda (the root partition's) carries LABEL=resin-data: hostapp only") == 1, lines(res)
+    assert not any("no data partition given" in line for line in said), lines(res)
     assert files(res)[HOSTAPP_FILE] == "hostapp"
     assert boot_record(res)["boot"]["data"]["device"] is None
 
 
 @uses("late-data")
 def test_late_data_disk_is_picked_up_by_uevent(booted):
+    """A data partition named by UUID may be on any disk, one that comes late too."""
     res = booted("late-data")
     reached_init(res)
     said = res.console.mobynit()
-    assert "waiting up to 30 s for LABEL=resin-data" in said, lines(res)
-    assert any(line.startswith("LABEL=resin-data appeared as /dev/vdb1 after") for line in said), lines(res)
+    spec = f"UUID={boot_kit.disk.DATA_UUID}"
+    assert f"waiting up to 30 s for data partition {spec}" in said, lines(res)
+    assert any(line.startswith(f"{spec} appeared as /dev/vdb1 after") for line in said), lines(res)
+    assert f"data {spec} is /dev/vdb1, on disk vdb as named (the root partition is on vda)" in said, lines(res)
     assert files(res)[HOSTAPP_FILE] == "patched by urgent"
+
+
+# --- issue 13: partitions are trusted from the root partition's disk only ----------------
+
+
+def _active_device(res) -> str:
+    """The device the booted system has at /mnt/sysroot/active, from its /proc/mounts."""
+    found = [m.split()[0] for m in res.console.marks("mount") if m.split()[1] == "/mnt/sysroot/active"]
+    assert len(found) == 1, res.describe()
+    return found[0]
+
+
+def _own_system(res) -> None:
+    """The device's own hostapp with its own extensions, nothing of the stick."""
+    reached_init(res)
+    seen = files(res)
+    assert seen[HOSTAPP_FILE] == "patched by urgent", lines(res)
+    assert seen["/usr/share/tools/hello"] == "hello from tools"
+    assert boot_kit.ROGUE_MARK not in seen
+    assert boot_record(res)["hostapp"]["name"] == "hostapp"
+
+
+@pytest.mark.parametrize("scenario,own,rogue", [("rogue-data-first", "vdb", "vda"), ("rogue-data-second", "vda", "vdb")])
+def test_a_rogue_data_partition_on_another_disk_is_named_and_never_used(booted, scenario, own, rogue):
+    res = booted(scenario)
+    _own_system(res)
+    assert _active_device(res) == f"/dev/{own}1"
+    said = res.console.mobynit()
+    assert f"data LABEL=resin-data is /dev/{own}2" in said, lines(res)
+    named = [line for line in said if f"/dev/{rogue}" in line]
+    assert named == [f"ignoring /dev/{rogue}1 on disk {rogue}: it carries LABEL=resin-data, but only the root "
+                     f"partition's disk {own} is trusted for it"], lines(res)
+    assert boot_record(res)["boot"]["data"]["device"] == f"/dev/{own}2"
+
+
+@pytest.mark.parametrize("scenario,own,rogue", [("rogue-root-first", "vdb", "vda"), ("rogue-root-second", "vda", "vdb")])
+def test_a_rogue_root_partition_on_another_disk_is_named_and_never_used(booted, scenario, own, rogue):
+    res = booted(scenario)
+    _own_system(res)
+    assert _active_device(res) == f"/dev/{own}1"  # the kernel's view, in the booted system
+    said = res.console.mobynit()
+    assert f"root PARTUUID=6d6f6279-01 is /dev/{own}1, mounted read-only" in said, lines(res)
+    assert f"data LABEL=resin-data is /dev/{own}2" in said, lines(res)
+    assert [line for line in said if f"/dev/{rogue}" in line] == [
+        f"ignoring /dev/{rogue}1 on disk {rogue}: named like the root partition (resin-rootA), but not on its disk {own}",
+        f"ignoring /dev/{rogue}2 on disk {rogue}: it carries LABEL=resin-data, but only the root partition's disk "
+        f"{own} is trusted for it",
+    ], lines(res)
+
+
+@uses("ambiguous-root")
+def test_an_ambiguous_root_is_refused_and_the_device_reboots(booted):
+    res = booted("ambiguous-root")
+    assert res.returncode == 0, res.describe()  # the panic rebooted; -no-reboot made QEMU exit
+    assert res.console.mark("init-start") is None  # neither hostapp ran
+    cannot = [line for line in res.console.mobynit() if line.startswith("cannot boot: ")]
+    assert cannot == ["cannot boot: root partition LABEL=resin-rootA is ambiguous: /dev/vda1 on disk vda, "
+                      "/dev/vdb1 on disk vdb; not guessing (name it by PARTUUID= or UUID=, or boot through "
+                      "systemd-boot)"], lines(res)
+    assert res.console.first("Rebooting in 1 seconds") is not None  # panic=1 from the command line is kept
+
+
+@uses("data-label-elsewhere")
+def test_a_data_partition_only_on_another_disk_is_not_taken_and_not_waited_for(booted):
+    res = booted("data-label-elsewhere")  # mobynit.wait=600: waiting would outlast the machine
+    reached_init(res)
+    said = res.console.mobynit()
+    assert not any(line.startswith("waiting up to") for line in said), lines(res)
+    assert "ignoring /dev/vdb1 on disk vdb: it carries LABEL=resin-data, but only the root partition's disk vda " \
+           "is trusted for it" in said, lines(res)
+    assert "no partition of disk vda (the root partition's) carries LABEL=resin-data: hostapp only" in said
+    assert files(res)[HOSTAPP_FILE] == "hostapp"
+
+
+@pytest.mark.parametrize("scenario,spec", [("data-partuuid-elsewhere", "PARTUUID=64617461-01"),
+                                           ("data-path-elsewhere", "/dev/vdb1")])
+def test_an_explicit_data_partition_is_honoured_on_another_disk(booted, scenario, spec):
+    res = booted(scenario)
+    reached_init(res)
+    said = res.console.mobynit()
+    shown = spec if spec.startswith("/dev/") else f"{spec} is /dev/vdb1"
+    assert f"data {shown}, on disk vdb as named (the root partition is on vda)" in said, lines(res)
+    assert not any(line.startswith("ignoring ") for line in said), lines(res)
+    assert files(res)[HOSTAPP_FILE] == "patched by urgent"
+    assert boot_record(res)["boot"]["data"] == {"spec": spec, "device": "/dev/vdb1", "fstype": None, "reason": None}
+
+
+@uses("damaged-data")
+def test_a_damaged_data_partition_is_said_at_once_in_one_line(booted, kit):
+    image = boot_kit.disk.partition_image(kit.disks.get("damaged-data").path, 2)
+    blkid = subprocess.run(["blkid", "-p", "-o", "export", str(image)], capture_output=True, text=True)
+    assert "TYPE=" not in blkid.stdout  # blkid sees no file system there either
+    res = booted("damaged-data")  # mobynit.wait=600: waiting would outlast the machine
+    reached_init(res)
+    said = res.console.mobynit()
+    about = [line for line in said if "data" in line and not line.startswith(("command line", "mobynit "))]
+    assert about == ["no partition of disk vda (the root partition's) carries LABEL=resin-data "
+                     "(vda2: no ext2/3/4 file system): hostapp only"], lines(res)
+    assert not any(line.startswith("waiting up to") for line in said), lines(res)
+    assert files(res)[HOSTAPP_FILE] == "hostapp"
+    data = boot_record(res)["boot"]["data"]
+    assert data["device"] is None and "vda2: no ext2/3/4 file system" in data["reason"]
+
+
+@uses("data-errors")
+def test_errors_on_the_data_partition_cannot_panic_the_kernel(booted, kit):
+    image = boot_kit.disk.partition_image(kit.disks.get("data-errors").path, 2)
+    header = subprocess.run(["dumpe2fs", "-h", str(image)], capture_output=True, text=True).stdout
+    assert any(line.split(":")[1].strip() == "Panic" for line in header.splitlines() if line.startswith("Errors behavior"))
+    res = booted("data-errors")
+    reached_init(res)
+    assert res.console.first("Kernel panic") is None, res.describe()
+    # The kernel met the damage, and obeyed errors=remount-ro rather than the superblock's panic.
+    assert res.console.first(r"EXT4-fs error \(device vda2\)") is not None, res.describe()
+    assert res.console.first(r"EXT4-fs \(vda2\): Remounting filesystem read-only") is not None, res.describe()
+    said = res.console.mobynit()
+    why = "extension store unreadable (/data/docker/containers: Structure needs cleaning)"
+    assert said.count(f"{why}: hostapp only") == 1, lines(res)
+    assert files(res)[HOSTAPP_FILE] == "hostapp"
+    assert boot_record(res)["disabled_reason"] == f"{why}: hostapp only"
+
+
+@uses("root-errors")
+def test_a_kernel_panic_while_mobynit_runs_reboots(booted):
+    """errors=panic on the root partition, and a directory mobynit looks up is
+    damaged: the kernel panics in the middle of assembling. /init armed
+    kernel.panic at its start (no panic= given), so the machine reboots."""
+    res = booted("root-errors")
+    assert res.returncode == 0, res.describe()  # rebooted; -no-reboot made QEMU exit
+    assert res.console.first(r"Kernel panic - not syncing: EXT4-fs \(device vda1\): panic forced after error") is not None, \
+        res.describe()
+    assert res.console.first("Rebooting in 10 seconds") is not None, res.describe()
+    assert res.console.mark("init-start") is None
+    assert not any(line.startswith("handing over") for line in res.console.mobynit())
+
+
+@uses("bad-numbers")
+def test_bad_numbers_are_said_once_with_their_default(booted):
+    res = booted("bad-numbers")
+    reached_init(res)
+    said = res.console.mobynit()
+    assert [line for line in said if line.startswith(("mobynit.wait=", "mobynit.max_tries="))] == [
+        "mobynit.wait=soon is not a number of seconds from 0 to 3600; using the default, 30 s",
+        "mobynit.max_tries=many is not a whole number from 1 to 999; using the default, 3",
+    ], lines(res)
+    assert boot_record(res)["attempts"]["max_tries"] == 3
 
 
 @uses("no-marker")
@@ -393,7 +543,7 @@ def test_runner_kills_and_reaps_at_the_hard_timeout(kit):
     machine = boot_kit.runner.Machine(kit.kernel.vmlinuz, kit.initrd,
                                       "console=ttyS0 root=LABEL=nowhere mobynit.wait=600", timeout=120)
     with boot_kit.runner.Run(machine, boot_kit.LOGS / "runner-timeout.log", "runner-timeout") as run:
-        assert run.expect("mobynit: waiting up to 600 s for LABEL=nowhere", 120), run.console.text()[-3000:]
+        assert run.expect("mobynit: waiting up to 600 s for root partition LABEL=nowhere", 120), run.console.text()[-3000:]
         res = run.result(run.wait(timeout=1))
         assert res.timed_out
         assert run.proc.poll() is not None
