@@ -11,6 +11,10 @@ corruption names a place in the data store it takes a `where`:
 
 Every function goes through the arena's journals, so the example's changes
 can be undone, and skips (does nothing) where a path is not safe to touch.
+
+Longer than most modules on purpose: it is a catalogue of some twenty small
+functions, each with its strategy beside it, read one kind at a time. The
+facts documents' builder is in facts_docs.py.
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ from pathlib import Path
 from hypothesis import event
 from hypothesis import strategies as st
 
-from mobynit.core.facts import FACTS_NAME, FACTS_VERSION
+from mobynit.core.facts import FACTS_NAME
 from tests.fuzz.arena import DATA_LEVELS, MARKER, PARTS, Arena, Container, Journal, real_dir
+from tests.fuzz.facts_docs import FACTS_DIRS, FACTS_LISTS, HOSTAPP_FILE, LIES, _deep, facts_accepted, facts_text
 from tests.harness.device import KERNEL_RELEASE
 
 HUGE = 5 << 30  # sparse: costs nothing on disk
-HOSTAPP_FILE = "usr/share/hostapp/only-in-hostapp"
 
 Where = tuple  # ("g", level) | ("c", container index, part, layer index)
 
@@ -58,10 +62,6 @@ _hostile_bytes = st.one_of(
     st.binary(max_size=64),
     st.sampled_from([b"\xff\xfe", b"..", b"../../../../etc", b"/etc", b"\x00", b"\n" * 3, b"\xc3\x28"]),
 )
-
-
-def _deep(depth: int) -> str:
-    return "[" * depth + "]" * depth
 
 
 _json_leaf = st.one_of(
@@ -119,32 +119,6 @@ PLANT_PATHS = (HOSTAPP_FILE, "usr/share/hostapp", "usr/share", "etc/hostapp-file
 def _not_a_hole(c: tuple) -> bool:
     where = c[1]
     return not (where[0] == "g" and where[1] in ISSUE_9_HOLES and c[2] in MIRROR_KINDS)
-
-
-# Which code each kind of facts document is written for, and whether facts.load must accept it
-# (hand-written: the oracle test_facts_kinds.py holds mobynit to). Lists: the version/id gate,
-# the parser's nesting guard, the list validators; the truthful kinds are accepted.
-FACTS_LISTS_TARGET = {
-    "true": ("accepted", True),
-    "unlisted": ("accepted", True),  # paths null: a layer too big to list
-    "nothing": ("accepted", True),  # a lie, but well-formed: only ctimes can tell
-    "hostile": ("validator", None),  # accepted exactly when `text` is a relative path
-    "types": ("validator", False),
-    "deep": ("parser", False),
-    "old-version": ("gate", False),
-    "other-id": ("gate", False),
-}
-# Dirs: the staleness check (load) and the trust of unchecked facts (flat_conflict).
-FACTS_DIRS_TARGET = {
-    "correct": ("staleness", True),
-    "none": ("trust", True),  # loads; flat_conflict trusts it for the hostapp only
-    "stale": ("staleness", False),
-    "missing-dir": ("staleness", False),
-    "malformed": ("dirs validator", False),
-}
-FACTS_LISTS = tuple(FACTS_LISTS_TARGET)
-FACTS_DIRS = tuple(FACTS_DIRS_TARGET)
-LIES = ("nothing", "hostile")  # lists that may not be the layer's truth
 
 
 corruption = st.one_of(
@@ -322,80 +296,6 @@ def _forget_facts(a: Arena, c: Container, k: int) -> None:
     (which is the point of some examples, and defeats others).
     """
     a.journal.take(c.part("layer_facts", k))
-
-
-# --- layer facts: the fuzzer's own builder, independent of mobynit.core.facts.walk -------------
-
-
-def layer_truth(diff: str) -> dict[str, list]:
-    """What a layer directory holds, walked without following symlinks: whiteouts (0/0
-    character devices), opaque directories, every path, and [path, ctime_ns] of "." and
-    every directory (the format of docs/fuzzing.md's facts section)."""
-    whiteouts: list[str] = []
-    opaques: list[str] = []
-    paths: list[str] = []
-    dirs: list[list] = []
-    for dirpath, dirnames, filenames in os.walk(diff):
-        for name in dirnames + filenames:
-            path = os.path.join(dirpath, name)
-            rel = os.path.relpath(path, diff)
-            st_ = os.lstat(path)
-            paths.append(rel)
-            if stat.S_ISCHR(st_.st_mode) and st_.st_rdev == 0:
-                whiteouts.append(rel)
-            elif stat.S_ISDIR(st_.st_mode):
-                dirs.append([rel, st_.st_ctime_ns])
-                try:
-                    if os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y":
-                        opaques.append(rel)
-                except OSError:
-                    pass
-    return {"whiteouts": sorted(whiteouts), "opaques": sorted(opaques), "paths": sorted(paths),
-            "dirs": [[".", os.lstat(diff).st_ctime_ns], *sorted(dirs)]}  # "." first
-
-
-def _relative(text: object) -> bool:
-    """A relative path inside a layer: no NUL, not absolute, no empty, `.` or `..` component."""
-    return (isinstance(text, str) and bool(text) and "\0" not in text and not text.startswith("/")
-            and all(part not in ("", ".", "..") for part in text.split("/")))
-
-
-def facts_accepted(lists: str, dirs: str, text: str) -> bool:
-    """Whether facts.load must accept the document facts_text builds for these parameters."""
-    ok = FACTS_LISTS_TARGET[lists][1]
-    if ok is None:
-        ok = _relative(text)
-    return ok and FACTS_DIRS_TARGET[dirs][1]
-
-
-def facts_text(diff: str, layer_id: str, lists: str, dirs: str, text: str) -> bytes:
-    """A facts document for the layer at `diff` (overlay2/<layer_id>/diff), current format
-    (FACTS_VERSION, this layer's id) unless `lists` targets that gate ("old-version", "other-id")."""
-    truth = layer_truth(diff)
-    ctimes: object = {
-        "correct": truth["dirs"],
-        "none": None,
-        "stale": [[".", truth["dirs"][0][1] - 1_000_000_000], *truth["dirs"][1:]],  # a second earlier
-        "missing-dir": [*truth["dirs"], ["no-such-directory", truth["dirs"][0][1]]],
-        "malformed": [["..", truth["dirs"][0][1]], *truth["dirs"][1:]],
-    }[dirs]
-    body: dict[str, object] = {"whiteouts": truth["whiteouts"], "opaques": truth["opaques"], "xattrs": [],
-                               "paths": truth["paths"]}
-    if lists == "unlisted":  # as for a layer too big to list
-        body["paths"] = None
-    elif lists == "nothing":
-        body = {"whiteouts": [], "opaques": [], "xattrs": [], "paths": []}
-    elif lists == "hostile":
-        body = {"whiteouts": [text, HOSTAPP_FILE], "opaques": [text], "xattrs": [],
-                "paths": [text, "usr", "usr/share", "usr/share/hostapp"]}
-    elif lists == "types":
-        body = {"whiteouts": text, "opaques": {text: 1}, "xattrs": None, "paths": 7}
-    version = FACTS_VERSION - 1 if lists == "old-version" else FACTS_VERSION
-    lid = layer_id[::-1] if lists == "other-id" else layer_id
-    doc = json.dumps({"version": version, "id": lid, **body, "dirs": ctimes})
-    if lists == "deep":
-        doc = doc[:-1] + f', "x": {_deep(100000)}}}'
-    return doc.encode("utf-8", "surrogatepass")
 
 
 # --- the data store's corruptions ------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Every layer-facts corruption reaches the code it was written for.
 
-The fuzzer writes facts documents with its own builder (corruptions.facts_text);
+The fuzzer writes facts documents with its own builder (facts_docs.facts_text);
 a document rejected at the version/id gate never reaches the validators and
 the staleness check it was meant to attack, and the fuzzer would pass without
 testing them. Here each kind is built for a small layer made on the spot, and:
@@ -8,7 +8,7 @@ testing them. Here each kind is built for a small layer made on the spot, and:
 - every kind but the gate's own passes the gate (current FACTS_VERSION, the
   layer's id), and the parser's kind really is too deep to parse;
 - facts.load accepts or refuses it exactly as the hand-written table in
-  corruptions.py says (FACTS_LISTS_TARGET, FACTS_DIRS_TARGET), over the whole
+  facts_docs.py says (FACTS_LISTS_TARGET, FACTS_DIRS_TARGET), over the whole
   grid of list kinds and ctime kinds, so each defect alone is refused and the
   truthful document is accepted;
 - facts without ctimes reach flat_conflict's trust rule: taken for the
@@ -29,7 +29,7 @@ import pytest
 
 from mobynit.core import facts
 from mobynit.core.facts import FACTS_NAME, FACTS_VERSION
-from tests.fuzz.corruptions import (FACTS_DIRS, FACTS_DIRS_TARGET, FACTS_LISTS, FACTS_LISTS_TARGET, facts_accepted,
+from tests.fuzz.facts_docs import (FACTS_DIRS, FACTS_DIRS_TARGET, FACTS_LISTS, FACTS_LISTS_TARGET, facts_accepted,
                                     facts_text, layer_truth)
 
 LAYER_ID = "0123456789abcdef" * 4
