@@ -44,8 +44,7 @@ MUTANTS = [
     # the kernel filter
     Mutant("kernel-version-prefix", "mobynit/core/policy.py", 'running = kernel_release.partition("-")[0]',
            "running = kernel_release"),
-    Mutant("kernel-abi-token-ignored", "mobynit/core/policy.py", "if abi_token is not None and abi_token != computed:",
-           "if abi_token is not None and abi_token == computed:"),
+    Mutant("kernel-abi-token-ignored", "mobynit/core/policy.py", "    if abi_token != computed:", "    if abi_token == computed:"),
     Mutant("kernel-abi-unverified-kept", "mobynit/core/policy.py", "    if abi_token is None:\n        if unverified_ok:",
            "    if abi_token is None:\n        if True:"),
     Mutant("kernel-no-symvers-kept", "mobynit/core/policy.py", "if modules.symvers_sha256 is None:",
@@ -72,6 +71,13 @@ MUTANTS = [
            "for p in (*f.opaques,):"),
     Mutant("facts-stale-trusted", "mobynit/core/facts.py", "if dirs is not None and not unchanged(", "if dirs is None and not unchanged("),
     Mutant("facts-order-reversed", "mobynit/core/facts.py", "for s in reversed(stacks):", "for s in stacks:"),
+    # the store's chain: real directories on the partition only
+    Mutant("store-root-chain-unchecked", "mobynit/core/store.py", "                require_dir(path, device)",
+           "                pass"),
+    Mutant("store-device-unchecked", "mobynit/core/fileio.py", "if device is not None and st.st_dev != device:",
+           "if False:"),
+    Mutant("store-shared-level-skipped", "mobynit/core/store.py", "        for part in rel.split(\"/\"):",
+           "        for part in rel.split(\"/\")[-1:]:"),
     # the purge marker
     Mutant("purge-marker-ignored", "mobynit/core/assemble.py", "    if problem is not None:\n        return [], None,",
            "    if problem is None and False:\n        return [], None,"),
@@ -82,7 +88,7 @@ MUTANTS = [
 # The fast tests each family of rules has; a mutant may name others.
 FOCUS = {"policy": "tests/unit/test_policy.py", "kernel": "tests/unit/test_policy.py", "switch": "tests/unit/test_cmdline.py",
          "plan": "tests/unit/test_plan.py", "purge": "tests/unit/test_purge_marker.py",
-         "facts": "tests/unit/test_facts.py"}
+         "facts": "tests/unit/test_facts.py", "store": "tests/unit/test_store_chain.py"}
 
 
 def run(m: Mutant) -> tuple[bool, float]:

@@ -67,8 +67,9 @@ def read_text(path: str, limit: int) -> str:
         raise StoreError(f"{path}: not ASCII text") from None
 
 
-def require_dir(path: str) -> None:
-    """A real directory: not missing, not a symlink, not anything else."""
+def require_dir(path: str, device: int | None = None) -> os.stat_result:
+    """A real directory: not missing, not a symlink, not anything else, and on
+    `device` when one is given (no mount point crossed); its lstat."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -79,6 +80,9 @@ def require_dir(path: str) -> None:
         raise StoreError(f"{path}: is a symlink, not followed")
     if not stat.S_ISDIR(st.st_mode):
         raise StoreError(f"{path}: not a directory")
+    if device is not None and st.st_dev != device:
+        raise StoreError(f"{path}: on another file system (a mount point), not followed")
+    return st
 
 
 def readlink(path: str, when_missing: str) -> str:

@@ -12,7 +12,6 @@ StoreError naming the file; the caller decides whether that sinks a boot
 from __future__ import annotations
 
 import os
-import stat
 
 from mobynit.core import jsonio
 from mobynit.core import labels as label
@@ -93,29 +92,64 @@ def _parse_config(raw: bytes, path: str, cid: str) -> tuple[str, dict[str, str],
 
 
 class Store:
-    """One overlay2 data-root (`/balena` on the root partition, `/docker` on data)."""
+    """One overlay2 data-root (`/balena` on the root partition, `/docker` on data).
 
-    __slots__ = ("root", "containers", "mounts", "overlay2", "_checked")
+    Everything read from it is reached through real directories on one file
+    system: the partition's (`top`, by default the directory holding the
+    store, which the operator named) down to each layer directory, every
+    level checked by lstat to be a directory, not a symlink, on the same
+    device. A symlink or a mount anywhere on the way is refused, so nothing
+    outside the partition is ever read or mounted from it.
+    """
 
-    def __init__(self, root: str) -> None:
+    __slots__ = ("root", "top", "containers", "mounts", "overlay2", "_checked", "_device")
+
+    def __init__(self, root: str, top: str | None = None) -> None:
         self.root = root.rstrip("/") or "/"
+        self.top = (top.rstrip("/") or "/") if top is not None else (os.path.dirname(self.root) or "/")
         self.containers = f"{self.root}/containers"
         self.mounts = f"{self.root}/image/overlay2/layerdb/mounts"
         self.overlay2 = f"{self.root}/overlay2"
         self._checked: set[str] = set()
+        self._device: int | None = None
+
+    def device(self) -> int:
+        """The partition's device; on first use, the store root is checked to be
+        reached from it through real directories only."""
+        if self._device is None:
+            try:
+                device = os.stat(self.top).st_dev  # the operator's own path: followed
+            except OSError as e:
+                raise StoreError(f"{self.top}: {e.strerror}") from None
+            path = self.top
+            below = self.root[len(self.top):] if self.root.startswith(self.top.rstrip("/") + "/") else ""
+            for part in below.strip("/").split("/") if below.strip("/") else ():
+                path = f"{path.rstrip('/')}/{part}"
+                require_dir(path, device)
+            self._device = device
+        return self._device
+
+    def _dir(self, path: str) -> None:
+        require_dir(path, self.device())
 
     def _require_shared_dir(self, path: str) -> None:
-        """The store's own top directories: checked once, not once per container."""
-        if path not in self._checked:
-            require_dir(path)
-            self._checked.add(path)
+        """The store's own directories, each level from the root down: checked once, not once per container."""
+        if path in self._checked:
+            return
+        rel = path[len(self.root) + 1 :]
+        here = self.root
+        for part in rel.split("/"):
+            here = f"{here}/{part}"
+            if here not in self._checked:
+                self._dir(here)
+                self._checked.add(here)
 
     def container(self, cid: str) -> Container:
         """The container `cid` with its layer stack; raises StoreError."""
         if not is_id(cid):
             raise StoreError(f"{self.containers}/{cid[:80]!r}: container id is not 64 hex digits")
         self._require_shared_dir(self.containers)
-        require_dir(f"{self.containers}/{cid}")
+        self._dir(f"{self.containers}/{cid}")
         path = f"{self.containers}/{cid}/config.v2.json"
         return self._load(cid, path, _parse_config(read_file(path, CONFIG_LIMIT), path, cid))
 
@@ -134,15 +168,15 @@ class Store:
     def layers(self, cid: str) -> tuple[Layer, ...]:
         """The read-only stack of container `cid`, top first, without its -init layer."""
         self._require_shared_dir(self.mounts)
-        require_dir(f"{self.mounts}/{cid}")
+        self._dir(f"{self.mounts}/{cid}")
         mount_id_path = f"{self.mounts}/{cid}/mount-id"
         mount_id = read_text(mount_id_path, SMALL_LIMIT)
         if not is_id(mount_id):
             raise StoreError(f"{mount_id_path}: {mount_id[:80]!r} is not a 64-hex layer id")
         self._require_shared_dir(self.overlay2)
         top = f"{self.overlay2}/{mount_id}"
-        require_dir(top)
-        require_dir(f"{top}/diff")
+        self._dir(top)
+        self._dir(f"{top}/diff")
         stack: list[Layer] = []
         if _dir_has_entries(f"{top}/diff"):
             stack.append(Layer(id=mount_id, path=f"{top}/diff", link=f"{mount_id}/diff", facts=_facts(top, mount_id)))
@@ -177,9 +211,9 @@ class Store:
         if dots != ".." or diff != "diff" or not lid_ok:
             raise StoreError(f"{link_path}: points to {target[:120]!r}, not ../<layer id>/diff")
         layer_dir = f"{self.overlay2}/{lid}"
-        require_dir(layer_dir)
+        self._dir(layer_dir)
         path = f"{layer_dir}/diff"
-        require_dir(path)
+        self._dir(path)
         return Layer(id=lid, path=path, link=f"l/{link}")
 
     def scan(self, wanted: Callable[[Mapping[str, str]], bool], release: str) -> list[Extension]:
@@ -191,17 +225,12 @@ class Store:
         installed yet); one that cannot be read (`docker` a file, a directory
         the file system reports damaged) raises StoreError, so that it is said.
         """
-        try:
-            if not stat.S_ISDIR(os.stat(self.root).st_mode):
-                raise StoreError(f"{self.root}: not a directory")
-            st = os.lstat(self.containers)
-        except FileNotFoundError:
+        if not os.path.lexists(self.root):
+            return []  # nothing installed yet
+        self.device()  # the store root itself: a real directory on the partition
+        if not os.path.lexists(self.containers):
             return []
-        except OSError as e:
-            raise StoreError(f"{e.filename}: {e.strerror}") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise StoreError(f"{self.containers}: not a directory (a symlink is not followed)")
-        self._checked.add(self.containers)
+        self._require_shared_dir(self.containers)
         try:
             fd = os.open(self.containers, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as e:

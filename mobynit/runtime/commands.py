@@ -53,7 +53,7 @@ def index_layers(engine_root: str, cid: str) -> str | None:
     if not os.path.isdir(f"{engine_root}/image/overlay2/layerdb/mounts/{cid}"):
         return None  # not a container of this engine's store (ctr run, another engine): nothing to index
     try:
-        layers = store.Store(engine_root).layers(cid)
+        layers = store.Store(engine_root, top=engine_root).layers(cid)
         facts.index([(layer.id, os.path.dirname(layer.path)) for layer in layers])
     except MobynitError as e:
         return f"cannot record its layer facts ({e}); the next boot will nest its layers"

@@ -152,7 +152,7 @@ def _inode(path: str) -> Inode | None:
 def broken_chain(a: Arena) -> str | None:
     """The first directory between the data partition and the extensions' layers that is not a
     real directory (a symlink, a file, a special file, missing), or None: with one, no extension
-    can be read from inside the partition, so none may be included (issue 9)."""
+    can be read from inside the partition, so none may be included."""
     for level, rel in DATA_LEVELS.items():
         if not real_dir(f"{a.store}/{rel}".rstrip("/")):
             return level

@@ -40,12 +40,6 @@ Where = tuple  # ("g", level) | ("c", container index, part, layer index)
 
 # --- strategies ---------------------------------------------------------------------------------
 
-# Issue 9: mobynit checks only `containers`, `overlay2`, `overlay2/l` and `layerdb/mounts` of the
-# data store's chain, and not SYSROOT/balena; a symlink at one of these levels to a real store (the
-# mirror) is followed. Generated examples leave these combinations out (each has an xfail
-# @example in test_store.py instead); empty this set, and drop those xfails, once the fix lands.
-ISSUE_9_HOLES = frozenset({"root", "image", "image-overlay2", "layerdb"})
-MIRROR_KINDS = ("mirror", "mirror-rel")
 
 _where_c = st.tuples(st.just("c"), st.integers(0, 14), st.sampled_from(PARTS), st.integers(0, 3))
 _where_g = st.tuples(st.just("g"), st.sampled_from(sorted(DATA_LEVELS)))
@@ -116,14 +110,9 @@ PLANT_PATHS = (HOSTAPP_FILE, "usr/share/hostapp", "usr/share", "etc/hostapp-file
                "bin/busybox", "a\nb", "\x1b[2J", "usr/share/hostapp/\udcff")
 
 
-def _not_a_hole(c: tuple) -> bool:
-    where = c[1]
-    return not (where[0] == "g" and where[1] in ISSUE_9_HOLES and c[2] in MIRROR_KINDS)
-
-
 corruption = st.one_of(
     st.tuples(st.just("node"), _where, st.sampled_from(NODE_KINDS)),
-    st.tuples(st.just("symlink"), _where, st.sampled_from(SYMLINK_KINDS)).filter(_not_a_hole),
+    st.tuples(st.just("symlink"), _where, st.sampled_from(SYMLINK_KINDS)),
     st.tuples(st.just("truncate"), _where_c, st.floats(0, 1)),
     st.tuples(st.just("garble"), _where_c, st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), min_size=1, max_size=8)),
     st.tuples(st.just("content"), _where_c, _hostile_bytes),
@@ -585,8 +574,9 @@ HOSTAPP_PARTS = ("config", "mount_id", "top_lower", "lnk", "layer_diff", "cdir",
 _hwhere = st.tuples(st.sampled_from(HOSTAPP_PARTS), st.integers(0, 3))
 HOSTAPP_NODE_KINDS = ("delete", "empty-file", "fifo", "huge", "whiteout")
 HOSTAPP_SYMLINK_KINDS = ("mirror", "decoy", "self", "loop2", "dangling", "dotdot", "etc")
-# SYSROOT/balena itself ("mirror" there is an ISSUE_9_HOLES-like hole: see test_store.py's xfail)
-STORE_KINDS = ("delete", "empty-file", "dir", "fifo", "zero-dev", "decoy", "self", "loop2", "dangling", "dotdot", "etc")
+# SYSROOT/balena itself
+STORE_KINDS = ("delete", "empty-file", "dir", "fifo", "zero-dev", "decoy", "self", "loop2", "dangling", "dotdot", "etc",
+               "mirror")
 
 hostapp_corruption = st.one_of(
     st.tuples(st.just("node"), _hwhere, st.sampled_from(HOSTAPP_NODE_KINDS)),

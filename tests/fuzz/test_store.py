@@ -93,13 +93,6 @@ def _restored(a: Arena, corruptions: list[tuple], sysroot_touched: bool) -> None
         assert snapshot(a.dev.sysroot) == a.hsnapshot, f"undoing {corruptions} did not restore the sysroot"
 
 
-# Issue 9: the levels of the store's chain mobynit does not check yet (corruptions.ISSUE_9_HOLES);
-# each is expected to fail until the fix lands, and strictly: a pass fails the test.
-def _hole(level: str) -> str:
-    return (f"issue 9: the data store's {level!r} directory is not checked to be a real directory; "
-            "a symlink there to another store is followed and its extensions are included")
-
-
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=HEALTH)
 @given(st.lists(corruption, min_size=1, max_size=5), st.sampled_from(VARIANTS))
 @example([("json-deep", 3, 5000)], DEFAULT)  # bug 1: a deeply nested config.v2.json raised RecursionError
@@ -111,17 +104,16 @@ def _hole(level: str) -> str:
 @example([("plant", 8, 1, "usr/share/hostapp/only-in-hostapp", "opaque", True)], DEFAULT)  # replaced, not deleted
 @example([("release", 0, 1, "a\nb", "huge", True)], DEFAULT)  # bug 5: a release file's name, raw, in a reason
 @example([("link", 0, 1, "via-l"), ("lower", ("c", 0, "top_lower", 0), ["l/..", "dup"]), ("node", ("g", "l"), "fifo")], DEFAULT)
-# the store's chain, level by level: the ones checked today hold...
+# the store's chain, level by level: a symlink or a special file at any level is never followed
 @example([("symlink", ("g", "containers"), "mirror")], DEFAULT)
 @example([("symlink", ("g", "overlay2"), "mirror-rel")], DEFAULT)
 @example([("symlink", ("g", "mounts"), "mirror")], DEFAULT)
 @example([("node", ("g", "root"), "fifo")], DEFAULT)
 @example([("node", ("g", "layerdb"), "zero-dev")], DEFAULT)
-# ... the others are issue 9's holes
-@example([("symlink", ("g", "root"), "mirror")], DEFAULT).xfail(raises=AssertionError, reason=_hole("root (DATA/docker)"))
-@example([("symlink", ("g", "image"), "mirror")], DEFAULT).xfail(raises=AssertionError, reason=_hole("image"))
-@example([("symlink", ("g", "image-overlay2"), "mirror-rel")], DEFAULT).xfail(raises=AssertionError, reason=_hole("image/overlay2"))
-@example([("symlink", ("g", "layerdb"), "mirror")], DEFAULT).xfail(raises=AssertionError, reason=_hole("layerdb"))
+@example([("symlink", ("g", "root"), "mirror")], DEFAULT)
+@example([("symlink", ("g", "image"), "mirror")], DEFAULT)
+@example([("symlink", ("g", "image-overlay2"), "mirror-rel")], DEFAULT)
+@example([("symlink", ("g", "layerdb"), "mirror")], DEFAULT)
 # facts on the hostapp's layers (unchecked, stale); an override's whiteout of a hostapp file
 # recorded truthfully afterwards (fresh facts that name it: nested, the file stays)
 @example([("facts", "hostapp", 0, "unlisted", "none", "")], DEFAULT)
@@ -227,10 +219,7 @@ def test_flat_root_equals_nested(arena: Arena, corruptions: list[tuple], release
 @example([("truncate", "config", 0.0), ("json", ("ID",), 1)])
 @example([("store", "fifo")])
 @example([("store", "loop2")])
-@example([("store", "mirror")]).xfail(
-    raises=AssertionError,
-    reason="issue 9: SYSROOT/balena is not checked to be a real directory; a symlink to another store is followed "
-           "and the hostapp is mounted from there")
+@example([("store", "mirror")])
 def test_hostile_hostapp_is_one_error(arena: Arena, corruptions: list[tuple]) -> None:
     a = arena
     assert not a.broken, "an earlier example could not be undone; the copy is unusable"
