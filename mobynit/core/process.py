@@ -1,0 +1,39 @@
+"""The interpreter's own costs, where they are ours to choose: a boot-path run is short-lived.
+
+A run of the boot path lives a few tens of milliseconds and builds nothing
+that must be freed before it ends, so two things the interpreter does by
+default are pure cost there (docs/benchmark.md measures both):
+
+- the cyclic garbage collector, which walks every young object each few
+  hundred allocations: turned off for the run, ideally before the imports
+  (initramfs/init's launch line does so first thing);
+- the teardown at exit, which clears every module and frees every object
+  one by one: skipped by flushing the standard streams, then `os._exit`.
+  Everything mobynit writes that must last goes through fileio's durable
+  writes or is closed before this point (the boot record, the handover file).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+
+STATUS_FLUSH_FAILED = 120  # what the interpreter's own exit returns when it cannot flush stdout
+
+
+def short_lived() -> None:
+    """No cyclic collection for the rest of this process."""
+    gc.disable()
+
+
+def finish(status: int) -> None:
+    """Flush stdout and stderr, then end the process at once with `status` (never returns)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # a closed pipe, a closed stream
+            if stream is sys.stdout and status == 0:
+                status = STATUS_FLUSH_FAILED
+    os._exit(status)
