@@ -160,11 +160,17 @@ def _dirs(doc: dict[str, object]) -> tuple[tuple[str, int], ...] | None:
     return tuple(out)
 
 
-def unchanged(diff: str, dirs: Sequence[tuple[str, int]]) -> bool:
-    """Every recorded directory is still a directory with the recorded ctime (lstat, no symlinks)."""
+def unchanged(diff: str, dirs: Sequence[tuple[str, int]], dir_fd: int | None = None,
+              diff_stat: os.stat_result | None = None) -> bool:
+    """Every recorded directory is still a directory with the recorded ctime (lstat, no symlinks).
+
+    `diff` may be relative to `dir_fd`; `diff_stat` is its lstat when the caller already made it."""
     for rel, ctime in dirs:
         try:
-            st = os.lstat(diff if rel == "." else f"{diff}/{rel}")
+            if rel != ".":
+                st = os.lstat(f"{diff}/{rel}", dir_fd=dir_fd)
+            else:
+                st = diff_stat if diff_stat is not None else os.lstat(diff, dir_fd=dir_fd)
         except OSError:
             return False
         if not stat.S_ISDIR(st.st_mode) or not _same_time(st.st_ctime_ns, ctime):
@@ -178,11 +184,15 @@ def _same_time(now: int, recorded: int) -> bool:
     return now == recorded or (now % 1_000_000_000 == 0 and now // 1_000_000_000 == recorded // 1_000_000_000)
 
 
-def load(layer_dir: str, layer_id: str) -> LayerFacts | None:
+def load(layer_dir: str, layer_id: str, dir_fd: int | None = None,
+         diff_stat: os.stat_result | None = None) -> LayerFacts | None:
     """The recorded facts of a layer, or None when there are none worth trusting:
-    missing, malformed, for another layer, or stale (see LayerFacts.dirs)."""
+    missing, malformed, for another layer, or stale (see LayerFacts.dirs).
+
+    `layer_dir` may be relative to `dir_fd` (the store's overlay2, see
+    mobynit.core.store); `diff_stat` is the lstat of its diff/ the store already made."""
     try:
-        raw = read_file(facts_path(layer_dir), FACTS_LIMIT)
+        raw = read_file(facts_path(layer_dir), FACTS_LIMIT, dir_fd=dir_fd)
         doc = jsonio.loads(raw)
         if not isinstance(doc, dict) or doc.get("version") != FACTS_VERSION or doc.get("id") != layer_id:
             return None
@@ -191,7 +201,7 @@ def load(layer_dir: str, layer_id: str) -> LayerFacts | None:
         if not isinstance(xattrs, list) or not all(p == "." or _valid_path(p) for p in xattrs):
             return None
         dirs = _dirs(doc)
-        if dirs is not None and not unchanged(f"{layer_dir}/diff", dirs):
+        if dirs is not None and not unchanged(f"{layer_dir}/diff", dirs, dir_fd, diff_stat):
             return None
         return LayerFacts(
             whiteouts=_paths(doc, "whiteouts"),
