@@ -136,9 +136,25 @@ def _valid_path(p: object) -> bool:
     return all(part not in ("", ".", "..") for part in p.split("/"))
 
 
+def all_valid_paths(values: list[object]) -> bool:
+    """_valid_path of every item, in a few passes of C over one joined string:
+    a layer's facts list thousands of paths, read at every boot."""
+    if not values:
+        return True
+    try:
+        joined = "\0".join(values)  # type: ignore[arg-type]
+    except TypeError:  # an item that is not a string
+        return False
+    if joined.count("\0") != len(values) - 1:
+        return False  # a NUL inside an item
+    # Each item between slashes: an empty item or part, a leading or trailing slash, "." or ".." shows as one of these.
+    wrapped = "/" + joined.replace("\0", "/\0/") + "/"
+    return "//" not in wrapped and "/./" not in wrapped and "/../" not in wrapped
+
+
 def _paths(doc: dict[str, object], key: str) -> tuple[str, ...]:
     value = doc.get(key)
-    if not isinstance(value, list) or not all(_valid_path(p) for p in value):
+    if not isinstance(value, list) or not all_valid_paths(value):
         raise ValueError(f"{key} is not a list of relative paths")
     return tuple(value)
 
@@ -151,12 +167,11 @@ def _dirs(doc: dict[str, object]) -> tuple[tuple[str, int], ...] | None:
         raise ValueError("dirs is not a list")
     out = []
     for item in value:
-        if (
-            not isinstance(item, list) or len(item) != 2 or not (item[0] == "." or _valid_path(item[0]))
-            or not isinstance(item[1], int) or isinstance(item[1], bool)
-        ):
+        if not isinstance(item, list) or len(item) != 2 or type(item[1]) is not int:  # bool is not int here
             raise ValueError("dirs holds something other than [path, ctime] pairs")
         out.append((item[0], item[1]))
+    if not all_valid_paths([p for p, _ in out if p != "."]):
+        raise ValueError("dirs holds something other than [path, ctime] pairs")
     return tuple(out)
 
 
@@ -198,7 +213,7 @@ def load(layer_dir: str, layer_id: str, dir_fd: int | None = None,
             return None
         paths = doc.get("paths")
         xattrs = doc.get("xattrs")
-        if not isinstance(xattrs, list) or not all(p == "." or _valid_path(p) for p in xattrs):
+        if not isinstance(xattrs, list) or not all_valid_paths([p for p in xattrs if p != "."]):
             return None
         dirs = _dirs(doc)
         if dirs is not None and not unchanged(f"{layer_dir}/diff", dirs, dir_fd, diff_stat):
