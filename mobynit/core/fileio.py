@@ -42,7 +42,7 @@ def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | N
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise StoreError(f"{shown}: not a regular file")
-        if device is not None and st.st_dev != device:
+        if device is not None and device != st.st_dev:
             raise StoreError(f"{shown}: on another file system (a mount point), not followed")
         if st.st_size > limit:
             raise StoreError(f"{shown}: {st.st_size} bytes, more than the {limit} expected")

@@ -19,7 +19,7 @@ import gc
 import os
 import sys
 
-STATUS_FLUSH_FAILED = 120  # what the interpreter's own exit returns when it cannot flush stdout
+STATUS_FLUSH_FAILED = 1  # what python3.11 -c returns when stdout cannot be flushed at exit, whatever the code said
 
 
 def short_lived() -> None:
@@ -28,12 +28,19 @@ def short_lived() -> None:
 
 
 def finish(status: int) -> None:
-    """Flush stdout and stderr, then end the process at once with `status` (never returns)."""
+    """Flush stdout and stderr, then end the process at once with `status` (never returns).
+
+    An unflushable stdout (a closed pipe, a full disk) ends it as the
+    interpreter's own exit would: said on stderr, status 1."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
                 stream.flush()
-        except (OSError, ValueError):  # a closed pipe, a closed stream
-            if stream is sys.stdout and status == 0:
+        except (OSError, ValueError) as e:
+            if stream is sys.stdout:
                 status = STATUS_FLUSH_FAILED
+                try:
+                    sys.stderr.write(f"cannot flush standard output: {e}\n")
+                except (OSError, ValueError, AttributeError):
+                    pass
     os._exit(status)
