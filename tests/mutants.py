@@ -73,7 +73,7 @@ MUTANTS = [
     Mutant("facts-order-reversed", "mobynit/core/facts.py", "for s in reversed(stacks):", "for s in stacks:"),
     # the store's chain: real directories on the partition only
     Mutant("store-root-chain-unchecked", "mobynit/core/store.py", "                require_dir(path, device)",
-           "                pass"),
+           "                pass", "tests/unit/test_store_chain.py tests/unit/test_speed_paths.py"),
     Mutant("store-device-unchecked", "mobynit/core/fileio.py", "if device is not None and st.st_dev != device:",
            "if False:"),
     Mutant("store-shared-level-skipped", "mobynit/core/store.py", '            parent_rel, _, name = rel.rpartition("/")',
@@ -81,7 +81,8 @@ MUTANTS = [
     Mutant("store-shared-level-unchecked", "mobynit/core/store.py", "            check_dir(os.fstat(fd), shown, device)",
            "            pass"),
     Mutant("store-layer-dir-unchecked", "mobynit/core/store.py",
-           '            require_dir(lid, device, dir_fd=overlay2, display=f"{self.overlay2}/{lid}")', "            pass"),
+           '            require_dir(lid, device, dir_fd=overlay2, display=f"{self.overlay2}/{lid}")', "            pass",
+           "tests/unit/test_speed_paths.py"),
     Mutant("store-file-device-unchecked", "mobynit/core/fileio.py",
            "        if device is not None and device != st.st_dev:",
            "        if False:", "tests/unit/test_speed_paths.py"),
@@ -122,7 +123,7 @@ def run(m: Mutant) -> tuple[bool, float]:
 
 def main(argv: list[str]) -> int:
     chosen = [m for m in MUTANTS if not argv or any(m.name.startswith(a) for a in argv)]
-    focus = sorted({*FOCUS.values()} | {m.tests for m in chosen} - {UNIT})
+    focus = sorted({*FOCUS.values()} | {t for m in chosen if m.tests != UNIT for t in m.tests.split()})
     baseline = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *focus], cwd=REPO,
                               capture_output=True, text=True)
     if baseline.returncode != 0:  # a mutant is only killed by tests that pass without it

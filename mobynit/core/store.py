@@ -118,8 +118,8 @@ class Store:
         self._facts: dict[str, LayerFacts | None] = {}
 
     def device(self) -> int:
-        """The partition's device; on first use, the store root is checked to be
-        reached from it through real directories only."""
+        """The partition's device; on first use, the levels between it and the
+        store root are checked to be real directories on it (the root, by _fd)."""
         if self._device is None:
             try:
                 device = os.stat(self.top).st_dev  # the operator's own path: followed
@@ -127,10 +127,10 @@ class Store:
                 raise StoreError(f"{self.top}: {e.strerror}") from None
             path = self.top
             below = self.root[len(self.top):] if self.root.startswith(self.top.rstrip("/") + "/") else ""
-            for part in below.strip("/").split("/") if below.strip("/") else ():
+            for part in below.strip("/").split("/")[:-1] if below.strip("/") else ():
                 path = f"{path.rstrip('/')}/{part}"
                 require_dir(path, device)
-            self._device = device
+            self._device = device  # the root itself is checked as it is opened (_fd)
         return self._device
 
     def _fd(self, rel: str, missing_ok: bool = False) -> int:

@@ -10,6 +10,7 @@ reading to the calls it really makes (every lstat and open, recorded).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,28 @@ def test_descriptors_are_closed_after_each_call(tmp_path: Path) -> None:
     with pytest.raises(StoreError):
         store.container("f" * 64)
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("level", ("docker/overlay2/" + MOUNT_ID, "docker/overlay2/" + LAYER, "docker/overlay2/" + LAYER + "/diff",
+                                   "docker/image/overlay2/layerdb/mounts/" + CID, "docker/containers/" + CID))
+def test_a_symlinked_container_or_layer_directory_is_never_followed(tmp_path: Path, level: str) -> None:
+    data = tmp_path / "data"
+    _store(data)
+    outside = tmp_path / "outside"
+    shutil.copytree(data / level, outside, symlinks=True)
+    shutil.rmtree(data / level)
+    (data / level).symlink_to(outside)
+    with pytest.raises(StoreError, match=f"^{data / level}: is a symlink, not followed$"):
+        Store(str(data / "docker")).container(CID)
+
+
+def test_every_level_between_the_partition_and_the_store_is_checked(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    _store(tmp_path / "elsewhere")
+    (data / "var").mkdir(parents=True)
+    (data / "var/lib").symlink_to(tmp_path / "elsewhere")  # data/var/lib/docker reached through a symlink
+    with pytest.raises(StoreError, match=f"^{data}/var/lib: is a symlink, not followed$"):
+        Store(str(data / "var/lib/docker"), top=str(data)).container(CID)
+    (data / "var/lib").unlink()
+    shutil.copytree(tmp_path / "elsewhere", data / "var/lib", symlinks=True)
+    assert Store(str(data / "var/lib/docker"), top=str(data)).container(CID).name == "ext"
