@@ -27,7 +27,6 @@ from mobynit.core import jsonio
 from mobynit.core.errors import StoreError, shown
 from mobynit.core.model import Record
 from mobynit.core.fileio import read_file, write_atomic
-from mobynit.core.layers import lookup
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -188,7 +187,8 @@ def unchanged(diff: str, dirs: Sequence[tuple[str, int]], dir_fd: int | None = N
                 st = diff_stat if diff_stat is not None else os.lstat(diff, dir_fd=dir_fd)
         except OSError:
             return False
-        if not stat.S_ISDIR(st.st_mode) or not _same_time(st.st_ctime_ns, ctime):
+        now = st.st_ctime_ns
+        if not stat.S_ISDIR(st.st_mode) or (now != ctime and not _same_time(now, ctime)):
             return False
     return True
 
@@ -259,6 +259,8 @@ def flat_conflict(stacks: Sequence[Stack]) -> str | None:
     names a path that a stack below it has, or where a layer carries other
     overlay xattrs (redirects, metacopy) that a nested mount would have hidden.
     """
+    from mobynit.core.layers import lookup  # only plans with extensions get here
+
     below_paths: set[str] = set()
     below_unlisted: list[Stack] = []  # stacks too big to list: asked by lookup instead
     for s in reversed(stacks):

@@ -19,7 +19,6 @@ from mobynit.core.errors import StoreError
 from mobynit.core.errors import shown as printable
 from mobynit.core.facts import load as load_facts
 from mobynit.core.fileio import check_dir, read_file, read_text, readlink, require_dir
-from mobynit.core.layers import probe_modules, read_extension_release
 from mobynit.core.model import Container, Extension, Layer
 
 TYPE_CHECKING = False
@@ -35,6 +34,7 @@ CONFIG_LIMIT = 4 << 20  # a config.v2.json is a few KiB; refuse to slurp a plant
 SMALL_LIMIT = 4096  # mount-id, lower
 MOUNTS = "image/overlay2/layerdb/mounts"
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_S_IFMT, _S_IFDIR = 0o170000, 0o040000  # stat.S_IFMT(mode), stat.S_IFDIR, without a call
 
 
 def is_id(name: str) -> bool:
@@ -43,6 +43,19 @@ def is_id(name: str) -> bool:
 
 def _is_link(name: str) -> bool:
     return len(name) == LINK_LEN and LINK_CHARS.issuperset(name)
+
+
+def _dir_at(dir_fd: int, name: str, device: int, parent: str) -> os.stat_result:
+    """require_dir for `name` below the open directory `parent`, its message built only
+    when it fails: this runs a few times per container, on every boot."""
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+        if st.st_mode & _S_IFMT == _S_IFDIR and st.st_dev == device:
+            return st
+    except OSError:
+        pass
+    require_dir(name, device, dir_fd=dir_fd, display=f"{parent}/{name}")  # raises, naming the rule broken
+    raise StoreError(f"{parent}/{name}: changed while being read")
 
 
 def _dir_has_entries(path: str) -> bool:
@@ -186,7 +199,7 @@ class Store:
         try:
             fd = self._fd("containers")
             device = self.device()
-            require_dir(cid, device, dir_fd=fd, display=f"{self.containers}/{cid}")
+            _dir_at(fd, cid, device, self.containers)
             path = f"{self.containers}/{cid}/config.v2.json"
             raw = read_file(f"{cid}/config.v2.json", CONFIG_LIMIT, dir_fd=fd, display=path, device=device)
             return self._load(cid, path, _parse_config(raw, path, cid))
@@ -216,7 +229,7 @@ class Store:
     def _layers(self, cid: str) -> tuple[Layer, ...]:
         device = self.device()
         mounts = self._fd(MOUNTS)
-        require_dir(cid, device, dir_fd=mounts, display=f"{self.mounts}/{cid}")
+        _dir_at(mounts, cid, device, self.mounts)
         mount_id_path = f"{self.mounts}/{cid}/mount-id"
         mount_id = read_text(f"{cid}/mount-id", SMALL_LIMIT, dir_fd=mounts, display=mount_id_path, device=device)
         if not is_id(mount_id):
@@ -250,9 +263,8 @@ class Store:
         st = self._diffs.get(lid)
         if st is None:
             device, overlay2 = self.device(), self._fd("overlay2")
-            require_dir(lid, device, dir_fd=overlay2, display=f"{self.overlay2}/{lid}")
-            st = require_dir(f"{lid}/diff", device, dir_fd=overlay2, display=f"{self.overlay2}/{lid}/diff")
-            self._diffs[lid] = st
+            _dir_at(overlay2, lid, device, self.overlay2)
+            st = self._diffs[lid] = _dir_at(overlay2, f"{lid}/diff", device, self.overlay2)
         return st
 
     def _layer_facts(self, lid: str) -> LayerFacts | None:
@@ -318,25 +330,29 @@ class Store:
                 return Extension(id=name, name=_short(name), container=None, modules=None, fault=str(e))
             if label.MARKERS[0] not in raw and label.MARKERS[1] not in raw:  # plainly not an extension
                 return None
-        shown = f"{self.containers}/{printable(name)}"  # a planted name must not forge console lines
-        short = _short(name)
         if not is_dir:
-            return Extension(id=name, name=short, container=None, modules=None, fault=f"{shown}: not a directory, not followed")
-        path = f"{shown}/config.v2.json"
+            shown = f"{self.containers}/{printable(name)}"  # a planted name must not forge console lines
+            return Extension(id=name, name=_short(name), container=None, modules=None,
+                             fault=f"{shown}: not a directory, not followed")
+        if not is_id(name):
+            shown = f"{self.containers}/{printable(name)}"
+            return Extension(id=name, name=_best_name(raw) or _short(name), container=None, modules=None,
+                             fault=f"{shown}: directory name is not a 64-hex container id")
+        path = f"{self.containers}/{name}/config.v2.json"  # a 64-hex name prints as it is
         try:
-            if not is_id(name):
-                raise StoreError(f"{shown}: directory name is not a 64-hex container id")
             parsed = _parse_config(raw, path, name)
             cname, labels, _ = parsed
             if not wanted(labels):
                 return None
             container = self._load(name, path, parsed)  # inside scan's call: its descriptors
+            from mobynit.core.layers import probe_modules, read_extension_release  # only stores with extensions
+
             dirs = [layer.path for layer in container.layers]
             known = [layer.facts for layer in container.layers]
             modules = probe_modules(dirs, release, known)
             release_file = read_extension_release(dirs, cname, known)
         except StoreError as e:
-            return Extension(id=name, name=_best_name(raw) or short, container=None, modules=None, fault=str(e))
+            return Extension(id=name, name=_best_name(raw) or _short(name), container=None, modules=None, fault=str(e))
         release_name, ext_release = release_file if release_file is not None else (None, None)
         return Extension(
             id=name, name=cname, container=container, modules=modules, fault=None, release=ext_release,

@@ -57,7 +57,8 @@ class _Libc:
     them (ctypes/__init__.py: CDLL, c_int, c_char_p...).
     """
 
-    __slots__ = ("_handle", "mount", "umount2", "unshare", "setns", "syscall", "get_errno", "c_int", "c_uint", "c_long")
+    __slots__ = ("_handle", "mount", "umount2", "unshare", "setns", "syscall", "fsconfig", "get_errno", "c_int", "c_uint",
+                 "c_long")
 
     def __init__(self) -> None:
         import _ctypes
@@ -100,6 +101,8 @@ class _Libc:
         self.unshare = bind("unshare", IntFunction, c_int)
         self.setns = bind("setns", IntFunction, c_int, c_int)
         self.syscall = bind("syscall", LongFunction)  # variadic: each argument passed as its C type
+        # fsconfig, called once per layer: its C types declared once rather than wrapped per call.
+        self.fsconfig = bind("syscall", LongFunction, c_long, c_int, c_uint, c_char_p, c_char_p, c_int)
         self.get_errno = _ctypes.get_errno
         self.c_int, self.c_uint, self.c_long = c_int, c_uint, c_long  # for syscall's variadic arguments
 
@@ -156,11 +159,8 @@ def fsopen(fstype: str) -> int:
 
 def fsconfig_string(fd: int, key: str, value: str) -> None:
     """One parameter; relative paths resolve against the current directory, values are capped at 256 bytes."""
-    libc = _libc()
-    _syscall(
-        f"fsconfig {key}={value}", SYS_fsconfig, libc.c_int(fd), libc.c_uint(FSCONFIG_SET_STRING),
-        _enc(key), _enc(value), libc.c_int(0),
-    )
+    if _libc().fsconfig(SYS_fsconfig, fd, FSCONFIG_SET_STRING, _enc(key), _enc(value), 0) < 0:  # type: ignore[union-attr]
+        raise _fail(f"fsconfig {key}={value}")
 
 
 def fsconfig_create(fd: int) -> None:
