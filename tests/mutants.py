@@ -81,7 +81,7 @@ MUTANTS = [
     Mutant("store-shared-level-unchecked", "mobynit/core/store.py", "            check_dir(os.fstat(fd), shown, device)",
            "            pass"),
     Mutant("store-layer-dir-unchecked", "mobynit/core/store.py",
-           '            require_dir(lid, device, dir_fd=overlay2, display=f"{self.overlay2}/{lid}")', "            pass",
+           "            _dir_at(overlay2, lid, device, self.overlay2)", "            pass",
            "tests/unit/test_speed_paths.py"),
     Mutant("store-file-device-unchecked", "mobynit/core/fileio.py",
            "        if device is not None and device != st.st_dev:",
