@@ -78,6 +78,15 @@ MUTANTS = [
            "if False:"),
     Mutant("store-shared-level-skipped", "mobynit/core/store.py", "        for part in rel.split(\"/\"):",
            "        for part in rel.split(\"/\")[-1:]:"),
+    # the state on the data partition, and the work directory
+    Mutant("attempts-dir-followed", "mobynit/core/fileio.py",
+           "                inner = os.open(part, _O_DIR, dir_fd=fd)\n            except FileNotFoundError:",
+           "                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)\n            except FileNotFoundError:",
+           "tests/unit/test_attempts_file.py"),
+    Mutant("workdir-leftovers-kept", "mobynit/core/workdir.py", "            self.clear()", "            pass",
+           "tests/engine/test_workdir.py"),
+    Mutant("workdir-target-stacked", "mobynit/core/assemble.py", "        if is_mount_point(target):", "        if False:",
+           "tests/engine/test_workdir.py"),
     # the purge marker
     Mutant("purge-marker-ignored", "mobynit/core/assemble.py", "    if problem is not None:\n        return [], None,",
            "    if problem is None and False:\n        return [], None,"),

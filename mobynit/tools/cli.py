@@ -12,7 +12,7 @@ import os
 import sys
 
 from mobynit.core.errors import MobynitError, StoreError, UsageError
-from mobynit.core.options import Args, Command, Opt, overview, parse
+from mobynit.core.options import Args, Command, Opt, closest, overview, parse
 from mobynit.core.paths import DEFAULT_TARGET, DEFAULT_WORKDIR
 from mobynit.core.record import DEFAULT_RECORD
 
@@ -107,8 +107,15 @@ def commands() -> list[Command]:
 
 
 def _paths(args: Args) -> StorePaths:
+    """The stores the options name; a sysroot that is not there, or a data
+    store without a data partition, is a mistake in the command line."""
     from mobynit.core.paths import store_paths
 
+    if not os.path.isdir(args.sysroot):
+        raise UsageError(f"--sysroot {args.sysroot}: no such directory")
+    if getattr(args, "data", None) is None and (getattr(args, "data_store", None) or getattr(args, "purge_marker", None)):
+        given = "--data-store" if getattr(args, "data_store", None) else "--purge-marker"
+        raise UsageError(f"{given} needs --data (the data partition it belongs to)")
     return store_paths(
         args.sysroot,
         getattr(args, "data", None),
@@ -187,6 +194,7 @@ def cmd_mount(args: Args) -> int:
 
 
 def cmd_assemble(args: Args) -> int:
+    from mobynit.core import attempts
     from mobynit.core.assemble import assemble
 
     def log(line: str) -> None:
@@ -204,7 +212,7 @@ def cmd_assemble(args: Args) -> int:
         workdir=args.workdir,
         log=log,
         layout=_layout_choice(args),
-        attempts_file=args.attempts,
+        attempts_file=attempts.named(args.attempts) if args.attempts else None,
     )
     if args.record:
         try:
@@ -217,12 +225,13 @@ def cmd_assemble(args: Args) -> int:
 def cmd_confirm(args: Args) -> int:
     from mobynit.core import attempts
 
-    path = args.attempts or attempts.state_path(args.data)
-    previous = attempts.read(path)
+    where = attempts.named(args.attempts) if args.attempts else attempts.state_path(args.data)
+    previous = attempts.read(where)
     now, message = attempts.confirmed(previous, args.retry_extensions)
     if now != previous:
         try:
-            attempts.write(path, now)
+            for planted in attempts.write(where, now):
+                print(f"{PROG}: warning: {planted} was not a directory (a symlink or a file): replaced", file=sys.stderr)
         except StoreError as e:
             raise MobynitError(f"cannot record the confirmation: {e}") from None
     print(f"{PROG}: {message}")
@@ -252,7 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         command = next((c for c in table if c.name == words[0]), None)
         if command is None:
-            raise UsageError(f"{PROG}: unknown command {words[0]!r}; commands: {', '.join(c.name for c in table)}")
+            near = closest(words[0], [c.name for c in table])
+            hint = f" (did you mean {near}?)" if near else ""
+            raise UsageError(f"unknown command {words[0]!r}{hint}; commands: {', '.join(c.name for c in table)}")
         args = parse(command, words[1:], PROG)
         if args is None:
             sys.stdout.write(command.usage(PROG))

@@ -25,7 +25,7 @@ ALLOWED = {
     "__future__": "annotations",
     "os": "everything", "stat": "file types", "sys": "streams", "time": "timings", "errno": "error numbers",
     "_json": "the C JSON scanner and encoder (mobynit.core.jsonio), without json's re",
-    "select": "waiting for uevents", "socket": "the uevent netlink socket", "struct": "superblocks and partition tables",
+    "fcntl": "the work directory's lock", "select": "waiting for uevents", "socket": "the uevent netlink socket", "struct": "superblocks and partition tables",
 }
 # Allowed only inside a function: costly to import, needed by few runs.
 LATE = {
