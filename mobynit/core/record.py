@@ -85,14 +85,17 @@ class Counted(Record):
 
 
 class Partition(Record):
-    """A partition the initramfs looked for: how it was named, what it was, why it was not used."""
+    """A partition the initramfs looked for: how it was named, what it was, why
+    it was not used, and the partitions elsewhere carrying its name that were
+    not trusted (docs/boot.md)."""
 
-    __slots__ = ("spec", "device", "fstype", "reason")
-    _defaults = {"fstype": None, "reason": None}
+    __slots__ = ("spec", "device", "fstype", "reason", "ignored")
+    _defaults = {"fstype": None, "reason": None, "ignored": ()}
     spec: str
     device: str | None
     fstype: str | None
     reason: str | None
+    ignored: tuple[str, ...]
 
 
 class BootInfo(Record):
@@ -230,7 +233,7 @@ _FIELDS: dict[type, dict[str, object]] = {
     Hostapp: {"id": _STR, "name": _STR, "layers": ("list", _STR)},
     Counted: {"file": _STR, "extensions": ("list", _STR), "unconfirmed": _INT, "max_tries": _INT,
               "fallback": _BOOL, "reason": _OSTR},
-    Partition: {"spec": _STR, "device": _OSTR, "fstype": _OSTR, "reason": _OSTR},
+    Partition: {"spec": _STR, "device": _OSTR, "fstype": _OSTR, "reason": _OSTR, "ignored": ("list", _STR)},
     BootInfo: {"init_start": _ONUM, "modules_loaded": _ONUM, "python_start": _NUM, "python_ready": _NUM,
                "cmdline": _STR, "root": (Partition, _NONE), "data": (Partition, _NONE), "init": _STR,
                "phases": ("map", _NUM), "handover": _NUM},
@@ -240,7 +243,7 @@ _FIELDS: dict[type, dict[str, object]] = {
                  "fallbacks": ("list", _STR), "timings_ms": (("map", _NUM), _NONE), "attempts": (Counted, _NONE),
                  "boot": (BootInfo, _NONE)},
 }
-_OPTIONAL = {Entry: ("reason", "warning"), Partition: ("fstype", "reason"), BootRecord: ("boot",)}
+_OPTIONAL = {Entry: ("reason", "warning"), Partition: ("fstype", "reason", "ignored"), BootRecord: ("boot",)}
 
 
 def _read(cls: type, doc: object, where: str) -> Record:
@@ -253,7 +256,7 @@ def _read(cls: type, doc: object, where: str) -> Record:
         path = f"{where}.{key}" if where else key
         if key not in doc:
             if key in _OPTIONAL.get(cls, ()):
-                values[key] = None
+                values[key] = cls._defaults.get(key)  # type: ignore[attr-defined]
                 continue
             raise _Bad(f"{path} is missing")
         values[key] = _value(kind, doc[key], path)

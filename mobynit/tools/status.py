@@ -23,9 +23,11 @@ def describe(rec: BootRecord) -> str:
     out = []
     if boot is not None and boot.root is not None:
         out.append(f"root partition: {boot.root.spec} ({boot.root.device}), at {ACTIVE_SYSROOT}")
+        out += [f"  ignored {shown(p)}: named like it, not on its disk" for p in boot.root.ignored]
     if boot is not None and boot.data is not None:
         where = boot.data.device or f"not mounted: {boot.data.reason}"
         out.append(f"data partition: {boot.data.spec} ({where})")
+        out += [f"  ignored {shown(p)}: carries its name, not on the root partition's disk" for p in boot.data.ignored]
     out += render.selection(rec)
     if rec.attempts is not None:
         counted = rec.attempts
