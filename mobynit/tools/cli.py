@@ -101,7 +101,9 @@ def commands() -> list[Command]:
         Command(
             "status", "Print the record of how this system was booted.",
             [Opt("--record", "FILE", f"the boot record (default: {DEFAULT_RECORD})", default=DEFAULT_RECORD),
-             Opt("--json", None, "print the record as JSON", default=False)],
+             Opt("--json", None, "print the record as JSON", default=False),
+             Opt("--live-record", "FILE", "the live record (default: /run/mobynit/live.json)",
+                 default="/run/mobynit/live.json", hidden=True)],
             "mobynit.tools.status:cmd_status",
         ),
     ]

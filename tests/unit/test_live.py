@@ -310,3 +310,26 @@ def test_command_line_mistakes_are_one_line(root: Path, tmp_path: Path) -> None:
     entry = json.loads(switched.stdout)["extensions"][0]
     assert not entry["merged"] and "mobynit.no_overlays" in entry["reason"]
     assert ours(root) == []
+
+
+def test_status_shows_boot_time_and_live_extensions(root: Path, tmp_path: Path) -> None:
+    from mobynit.core.record import BootRecord, Hostapp
+
+    boot = BootRecord(hostapp=Hostapp(id="a" * 64, name="hostapp", layers=("/l",)), extensions=(), disabled_by=None,
+                      disabled_reason="no data partition given: hostapp only", kernel_release=os.uname().release,
+                      page_size=4096, target="/sysroot", layout="flat", layout_reason=None, mechanism="fsconfig",
+                      stacking_depth=1)
+    boot.write(str(root / "run/mobynit/boot.json"))
+    image(ext_tree("tool", tmp_path), root / "etc/extensions/tool", "directory")
+    image(ext_tree("gone", tmp_path, release="ID=fedora\n"), root / "etc/extensions/gone", "directory")
+    mobynit("merge", "--root", str(root))
+    args = ["status", "--record", str(root / "run/mobynit/boot.json"), "--live-record", str(root / "run/mobynit/live.json")]
+    out = mobynit(*args).stdout
+    assert "hostapp hostapp (aaaaaaaaaaaa): 1 layers" in out
+    assert "live: merged, generation 1: /usr overlaid (attach)" in out
+    assert "live sysext directory tool: merged into /usr" in out
+    assert "live sysext directory gone: not merged: extension-release.gone: built for OS fedora" in out
+    doc = json.loads(mobynit(*args, "--json").stdout)
+    assert doc["live"]["state"] == "merged"
+    mobynit("unmerge", "--root", str(root))
+    assert "live: unmerged" in mobynit(*args).stdout
