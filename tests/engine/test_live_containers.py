@@ -90,3 +90,26 @@ def test_container_extensions_go_live_when_they_can(device, tmp_path: Path) -> N
 def _parents(rel: str) -> list[str]:
     parts = rel.split("/")[:-1]
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def test_the_runtime_merges_an_installed_extension_live(device, tmp_path: Path) -> None:
+    """What `start` does after its hook: merge live on a mobynit-booted system, say why not otherwise."""
+    from mobynit.core.record import BootRecord, Hostapp
+    from mobynit.runtime.commands import merge_live
+
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/base").write_text("base\n")
+    store = str(device.data / "docker")
+    ok, wait = device.extensions["live-ok"], device.extensions["wait-reboot"]
+    assert "not booted by mobynit" in merge_live(ok, store, str(root))[1]
+    BootRecord(hostapp=Hostapp(id="a" * 64, name="hostapp", layers=()), extensions=(), disabled_by=None,
+               disabled_reason=None, kernel_release="6", page_size=4096, target="/sysroot", layout="flat",
+               layout_reason=None, mechanism="fsconfig", stacking_depth=1).write(str(root / "run/mobynit/boot.json"))
+    try:
+        assert merge_live(ok, store, str(root)) == ("info", f"extension {ok}: merged live into /usr")
+        assert (root / "usr/share/live-ok/hello").read_text() == "hello\n"
+        level, said = merge_live(wait, store, str(root))
+        assert "requires-reboot=true: waits for the next boot" in said
+    finally:
+        run("unmerge", "--root", str(root), "--quiet", check=False)
