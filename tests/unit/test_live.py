@@ -333,3 +333,25 @@ def test_status_shows_boot_time_and_live_extensions(root: Path, tmp_path: Path) 
     assert doc["live"]["state"] == "merged"
     mobynit("unmerge", "--root", str(root))
     assert "live: unmerged" in mobynit(*args).stdout
+
+
+def test_classify_any_bytes_is_a_kind_or_one_line() -> None:
+    """The superblock reader takes whatever a .raw holds: a kind, or one line naming the file."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from mobynit.core.sysext import classify
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=2048), st.integers(min_value=0, max_value=1 << 40), st.booleans(),
+           st.sampled_from([b"", b"hsqs", b"\xe2\xe1\xf5\xe0"]))
+    def check(head: bytes, size: int, gpt: bool, magic: bytes) -> None:
+        if magic == b"hsqs":
+            head = magic + head
+        elif magic:
+            head = head.ljust(1024, b"\0")[:1024] + magic + head
+        kind, fault = classify("/x.raw", head, size, gpt)
+        assert (kind is None) != (fault is None)
+        assert fault is None or (fault.startswith("/x.raw: ") and "\n" not in fault)
+
+    check()
