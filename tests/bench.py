@@ -121,18 +121,70 @@ def startup(runs: int) -> tuple[float, float]:
     return median_ms(bare), median_ms(imports)
 
 
+LIVE_COUNTS = (1, 20, 100)
+
+
+def live_table(runs: int, scratch: Path) -> None:
+    """`mobynit merge` and `refresh` of 1, 20 and 100 squashfs sysext images (docs/live.md), whole process.
+
+    Run by the virtual environment's interpreter (the live commands are off the
+    boot path and use attrs); each merge is undone by an untimed unmerge.
+    """
+    import tempfile
+
+    print()
+    head = f"{'live':>8} {'images':>6} {'replace':>8} | {'wall ms':>8}"
+    print(head)
+    print("-" * len(head))
+    for n in LIVE_COUNTS:
+        root = scratch / f"live-{n}"
+        (root / "usr/bin").mkdir(parents=True)
+        (root / "usr/bin/base").write_text("base")
+        (root / "usr/lib").mkdir()
+        (root / "usr/lib/os-release").write_text("ID=bench\nVERSION_ID=1\n")
+        images = root / "var/lib/extensions"
+        images.mkdir(parents=True)
+        with tempfile.TemporaryDirectory() as src:
+            for i in range(n):
+                top = Path(src) / f"x{i:03d}"
+                (top / "usr/lib/extension-release.d").mkdir(parents=True)
+                (top / f"usr/lib/extension-release.d/extension-release.x{i:03d}").write_text("ID=bench\nVERSION_ID=1\n")
+                (top / f"usr/share/x{i:03d}").mkdir(parents=True)
+                (top / f"usr/share/x{i:03d}/file").write_text(str(i))
+                subprocess.run(["mksquashfs", str(top), str(images / f"x{i:03d}.raw"), "-quiet", "-noappend"],
+                               check=True, stdout=subprocess.DEVNULL)
+        live = [sys.executable, "-m", "mobynit"]
+        common = ["--root", str(root), "--quiet"]
+
+        def timed(*args: str) -> float:
+            t = time.perf_counter()
+            subprocess.run([*live, *args, *common], check=True, env=env(), stdout=subprocess.DEVNULL)
+            return time.perf_counter() - t
+
+        merges = []
+        for _ in range(runs):
+            merges.append(timed("merge"))
+            timed("unmerge")
+        print(f"{'merge':>8} {n:>6} {'-':>8} | {median_ms(merges):>8.1f}")
+        timed("merge")
+        for label, extra in (("beneath", ()), ("replace", ("--no-beneath",))):
+            refreshes = [timed("refresh", *extra) for _ in range(runs)]
+            print(f"{'refresh':>8} {n:>6} {label:>8} | {median_ms(refreshes):>8.1f}")
+        timed("unmerge")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=21, help="runs per row (median reported)")
     ap.add_argument("--quick", action="store_true", help="only 20 extensions with 200 apps, and 500 extensions")
+    ap.add_argument("--live-only", action="store_true", help="only the live layering rows (merge, refresh)")
     opts = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (mounts)", file=sys.stderr)
         return 2
     subprocess.run([PYTHON, "-m", "compileall", "-q", str(REPO / "mobynit")], check=True, env=env(), stdout=subprocess.DEVNULL)
-    base = base_store()
-    matrix = [(20, 200), (498, 0), (500, 0)] if opts.quick else MATRIX
-    devices = {(n, a): variant(base, n, a) for n, a in matrix}
+    matrix = [] if opts.live_only else [(20, 200), (498, 0), (500, 0)] if opts.quick else MATRIX
+    devices = {(n, a): variant(base_store(), n, a) for n, a in matrix}
 
     syscalls.unshare(syscalls.CLONE_NEWNS)
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
@@ -154,6 +206,7 @@ def main() -> int:
             wall, ph = assemble_runs(dev, release, opts.runs, work, target)
             print(f"{n:>10} {a:>5} {label:>7} {ph['layout']:>15} {ph['included']:>5} | {wall:>8.1f} | "
                   f"{ph['read']:>6.1f} {ph['select']:>6.1f} {ph['plan']:>6.1f} {ph['mount']:>6.1f}")
+    live_table(opts.runs, scratch)
     syscalls.umount(str(scratch), syscalls.MNT_DETACH)
     return 0
 

@@ -95,14 +95,42 @@ def commands() -> list[Command]:
              Opt("--force", None, "walk layers again even if their facts are recorded", default=False)],
             cmd_index,
         ),
+        *_live_commands(),
         Command("boot", "Assemble the root and prepare the handover (run by the initramfs /init as PID 1).",
                 [], "mobynit.tools.status:cmd_boot"),
         Command(
             "status", "Print the record of how this system was booted.",
             [Opt("--record", "FILE", f"the boot record (default: {DEFAULT_RECORD})", default=DEFAULT_RECORD),
-             Opt("--json", None, "print the record as JSON", default=False)],
+             Opt("--json", None, "print the record as JSON", default=False),
+             Opt("--live-record", "FILE", "the live record (default: /run/mobynit/live.json)",
+                 default="/run/mobynit/live.json", hidden=True)],
             "mobynit.tools.status:cmd_status",
         ),
+    ]
+
+
+def _live_commands() -> list[Command]:
+    """merge, unmerge, refresh, list: live layering (mobynit.tools.live, docs/live.md)."""
+    common = [
+        Opt("--root", "DIR", "operate on the tree at DIR instead of / (its run/mobynit holds the record)"),
+        Opt("--hierarchy", "LIST", "comma-separated hierarchies to overlay (default: /usr,/opt)"),
+        Opt("--json", None, "print the record as JSON", default=False),
+        Opt("--quiet", None, "no notes on stderr", default=False),
+        Opt("--data-store", "DIR", "the container extensions' store (default: /mnt/data/docker with --root /)"),
+        Opt("--boot-record", "FILE", "the boot record: extensions in it are already in the root", hidden=True),
+        Opt("--cmdline", "TEXT", "kernel command line (default: /proc/cmdline)", hidden=True),
+        Opt("--kernel-release", "REL", "running kernel release (default: uname -r)", hidden=True),
+        Opt("--no-beneath", None, "replace overlays by detach-then-attach, as on kernels before 6.5", default=False,
+            hidden=True),
+    ]
+    return [
+        Command("merge", "Merge sysext images and live-capable container extensions into the running /usr and /opt.",
+                common, "mobynit.tools.live:cmd_merge"),
+        Command("unmerge", "Remove the live overlays: the booted view again.", common, "mobynit.tools.live:cmd_unmerge"),
+        Command("refresh", "Replace the merged set with what is found now, with no moment without the base files.",
+                common, "mobynit.tools.live:cmd_refresh"),
+        Command("list", "Show every extension found and what a merge would do with it; changes nothing.", common,
+                "mobynit.tools.live:cmd_list"),
     ]
 
 

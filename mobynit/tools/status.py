@@ -12,7 +12,7 @@ import json
 import sys
 
 from mobynit.core import render
-from mobynit.core.errors import shown
+from mobynit.core.errors import MobynitError, shown
 from mobynit.core.options import Args
 from mobynit.core.paths import ACTIVE_SYSROOT
 from mobynit.core.record import BootRecord
@@ -43,14 +43,33 @@ def describe(rec: BootRecord) -> str:
     return "\n".join(out) + "\n"
 
 
+def live_lines(live_record: str) -> tuple[list[str], dict[str, object] | None]:
+    """The live extensions beside the boot-time ones (mobynit.tools.live): words, and the record as JSON."""
+    import os
+
+    from mobynit.tools import live
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(live_record)))) or "/"
+    s = live.Settings(root=root, hierarchies=live.sysext.HIERARCHIES, explicit=False, cmdline="", kernel_release="",
+                      beneath=False, data_store=None, boot_record=None)
+    try:
+        rec, _now, note = live.status(s)
+    except MobynitError as e:
+        return [f"live: {e}"], None
+    return live.describe(rec, note), (rec.as_json() if rec is not None else None)
+
+
 def cmd_status(args: Args) -> int:
-    """`mobynit status [--record FILE] [--json]`."""
+    """`mobynit status [--record FILE] [--json]`: boot-time extensions, then live ones."""
     rec = BootRecord.read(args.record)
+    lines, live_doc = live_lines(args.live_record)
     if args.json:
-        json.dump(rec.as_json(), sys.stdout, indent=2, sort_keys=True)
+        doc = rec.as_json()
+        doc["live"] = live_doc
+        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(describe(rec))
+        sys.stdout.write(describe(rec) + "".join(f"{line}\n" for line in lines))
     return 0
 
 
