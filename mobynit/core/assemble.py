@@ -21,7 +21,8 @@ from mobynit.core.model import Record
 from mobynit.core.paths import DEFAULT_WORKDIR, StorePaths
 from mobynit.core.record import BootRecord, Counted
 from mobynit.core.store import Store, hostapp_id
-from mobynit.core.workdir import WorkDir, is_mount_point
+from mobynit.core.mounttable import is_mount_point
+from mobynit.core.workdir import WorkDir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

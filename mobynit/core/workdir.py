@@ -17,9 +17,9 @@ import os
 
 from mobynit.core import syscalls
 from mobynit.core.errors import MountError
+from mobynit.core.mounttable import mount_points
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-MOUNTINFO = "/proc/self/mountinfo"
 
 
 class WorkDir:
@@ -59,30 +59,3 @@ class WorkDir:
                 syscalls.umount(point, syscalls.MNT_DETACH)
             except OSError as e:
                 raise MountError(f"cannot detach {point}, left by an interrupted run: {e.strerror}") from None
-
-
-def mount_points() -> list[str]:
-    """Every mount point this process sees, from the kernel's own table."""
-    with open(MOUNTINFO, "rb") as f:
-        raw = f.read()
-    return [_unescape(line.split(b" ", 5)[4]) for line in raw.splitlines() if line]
-
-
-def is_mount_point(path: str) -> bool:
-    return os.path.realpath(path) in mount_points()
-
-
-def _unescape(field: bytes) -> str:
-    """The kernel writes space, tab, newline and backslash in mountinfo as \\ooo."""
-    if b"\\" in field:
-        out = bytearray()
-        i = 0
-        while i < len(field):
-            if field[i : i + 1] == b"\\" and field[i + 1 : i + 4].isdigit():
-                out.append(int(field[i + 1 : i + 4], 8))
-                i += 4
-            else:
-                out += field[i : i + 1]
-                i += 1
-        field = bytes(out)
-    return os.fsdecode(field)

@@ -45,12 +45,12 @@ from collections.abc import Callable, Sequence
 import attrs
 
 from mobynit.core import labels as label
-from mobynit.core import policy, syscalls, sysext
+from mobynit.core import policy, render, syscalls, sysext
 from mobynit.core.errors import MobynitError, StoreError, UsageError, shown
+from mobynit.core.mounttable import MountEntry, stack_at
 from mobynit.core.record import LIVE_RECORD, LiveEntry, LiveRecord, RecordError
 
 SOURCE = "mobynit-live"  # each overlay's mount source: mobynit-live.<generation>
-REQUIRES_REBOOT = "io.balena.image.requires-reboot"
 BENEATH_SINCE = (6, 5)
 DEFAULT_DATA_STORE = "/mnt/data/docker"  # where boot leaves the data partition's store
 LOCK_TIMEOUT = 30.0
@@ -62,51 +62,7 @@ class LiveError(MobynitError):
     """A live command that cannot be carried out; one line."""
 
 
-# --- the mount table, as the kernel shows it ------------------------------------------
-
-
-@attrs.frozen
-class MountEntry:
-    mount_id: int
-    parent_id: int
-    mount_point: str
-    fstype: str
-    source: str
-
-
-def _unescape(field: str) -> str:
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and field[i + 1 : i + 4].isdigit() and len(field) >= i + 4:
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mountinfo() -> list[MountEntry]:
-    entries = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, tail = left.split(), right.split()
-            entries.append(MountEntry(int(fields[0]), int(fields[1]), _unescape(fields[4]),
-                                      tail[0] if tail else "", _unescape(tail[1]) if len(tail) > 1 else ""))
-    return entries
-
-
-def stack_at(path: str, table: Sequence[MountEntry] | None = None) -> list[MountEntry]:
-    """The mounts at exactly `path`, bottom first (each stacked mount's parent is the one below)."""
-    here = [m for m in (mountinfo() if table is None else table) if m.mount_point == path]
-    ids = {m.mount_id for m in here}
-    bottom = [m for m in here if m.parent_id not in ids]
-    ordered: list[MountEntry] = []
-    while bottom:
-        ordered.append(bottom[0])
-        bottom = [m for m in here if m.parent_id == bottom[0].mount_id]
-    return ordered
+# --- our overlays in the mount table ---------------------------------------------------------
 
 
 def is_ours(entry: MountEntry) -> bool:
@@ -318,9 +274,9 @@ def live_verdict(labels: dict[str, str] | object, layers: Sequence[str], hierarc
     is an override, it replaces no file of the booted root (a normal
     extension sits below the hostapp at boot: it may only add files).
     """
-    value = str(labels.get(REQUIRES_REBOOT, "")).strip().lower() if isinstance(labels, dict) else ""
+    value = str(labels.get(label.REQUIRES_REBOOT, "")).strip().lower() if isinstance(labels, dict) else ""
     if value in ("1", "true", "yes", "on"):
-        return f"{REQUIRES_REBOOT}={value}: waits for the next boot"
+        return f"{label.REQUIRES_REBOOT}={value}: waits for the next boot"
     if booted:
         return "already in the booted root"
     prefixes = tuple(h.strip("/") + "/" for h in hierarchies)
@@ -681,35 +637,6 @@ def candidates_report(s: Settings) -> LiveRecord:
                       extensions=built.entries)
 
 
-# --- words -----------------------------------------------------------------------------------
-
-
-def describe_entry(e: LiveEntry, would: bool = False) -> list[str]:
-    what = "container extension" if e.kind == CONTAINER else f"sysext {e.kind}"
-    lines = [f"live {what} {shown(e.name)}: warning: {e.warning}"] if e.warning else []
-    if e.merged:
-        verb = "would merge" if would else "merged"
-        lines.append(f"live {what} {shown(e.name)}: {verb} into {', '.join(e.hierarchies)}")
-    else:
-        lines.append(f"live {what} {shown(e.name)}: {'not merged' if not would else 'skipped'}: {e.reason}")
-    return lines
-
-
-def describe(rec: LiveRecord | None, note: str | None = None, would: bool = False) -> list[str]:
-    out: list[str] = []
-    if note:
-        out.append(f"live: {note}")
-    if rec is None:
-        out.append("live: nothing merged since boot")
-        return out
-    if not would:
-        where = ", ".join(rec.hierarchies) or "nothing"
-        out.append(f"live: {rec.state}, generation {rec.generation}: {where} overlaid ({rec.mechanism})")
-    for e in rec.extensions:
-        out += describe_entry(e, would)
-    return out
-
-
 def settings(args: object) -> Settings:
     root = os.path.abspath(getattr(args, "root") or "/")
     if not os.path.isdir(root):
@@ -763,7 +690,7 @@ def cmd_merge(args: object) -> int:
 
     def run() -> int:
         rec = apply(s, "merge", log)
-        _emit(args, rec, describe(rec))
+        _emit(args, rec, render.live(rec))
         return 0
     return _guard(run)
 
@@ -774,7 +701,7 @@ def cmd_refresh(args: object) -> int:
 
     def run() -> int:
         rec = apply(s, "refresh", log)
-        _emit(args, rec, describe(rec))
+        _emit(args, rec, render.live(rec))
         return 0
     return _guard(run)
 
@@ -785,7 +712,7 @@ def cmd_unmerge(args: object) -> int:
 
     def run() -> int:
         rec = unmerge(s, log)
-        _emit(args, rec, describe(rec))
+        _emit(args, rec, render.live(rec))
         return 0
     return _guard(run)
 
@@ -795,6 +722,6 @@ def cmd_list(args: object) -> int:
 
     def run() -> int:
         rec = candidates_report(s)
-        _emit(args, rec, describe(rec, would=True))
+        _emit(args, rec, render.live(rec, would=True))
         return 0
     return _guard(run)

@@ -56,7 +56,7 @@ def live_lines(live_record: str) -> tuple[list[str], dict[str, object] | None]:
         rec, _now, note = live.status(s)
     except MobynitError as e:
         return [f"live: {e}"], None
-    return live.describe(rec, note), (rec.as_json() if rec is not None else None)
+    return render.live(rec, note), (rec.as_json() if rec is not None else None)
 
 
 def cmd_status(args: Args) -> int:

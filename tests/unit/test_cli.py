@@ -29,7 +29,8 @@ def _mobynit(*args: str) -> subprocess.CompletedProcess[str]:
     (("plan", "--sysrot", "/"), "mobynit: error: plan: unknown option '--sysrot' (did you mean --sysroot?); see mobynit plan --help"),
     (("assemble", "--taget", "/x"), "mobynit: error: assemble: unknown option '--taget' (did you mean --target?); see mobynit assemble --help"),
     (("plan", "--frobnicate"), "mobynit: error: plan: unknown option '--frobnicate'; see mobynit plan --help"),
-    (("plna",), "mobynit: error: unknown command 'plna' (did you mean plan?); commands: plan, mount, assemble, confirm, index, boot, status"),
+    (("plna",), "mobynit: error: unknown command 'plna' (did you mean plan?); commands: plan, mount, assemble, confirm,"
+                " index, merge, unmerge, refresh, list, boot, status"),
 ])
 def test_mistakes_are_one_line_with_status_2(args: tuple[str, ...], said: str) -> None:
     out = _mobynit(*args)
