@@ -64,8 +64,14 @@ def state_path(data: str) -> Location:
     return Location(top=data.rstrip("/") or "/", rel=STATE_NAME)
 
 
-def named(path: str) -> Location:
-    """An attempts file the operator named (`--attempts FILE`)."""
+def named(path: str, data: str | None = None) -> Location:
+    """An attempts file the operator named (`--attempts FILE`): below the data
+    partition when it is there (every level then checked), else in the
+    directory named."""
+    if data is not None:
+        top = data.rstrip("/") or "/"
+        if path.startswith(top.rstrip("/") + "/"):
+            return Location(top=top, rel=path[len(top.rstrip("/")) + 1 :])
     directory, name = os.path.split(path)
     return Location(top=directory or ".", rel=name)
 

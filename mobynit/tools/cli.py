@@ -240,7 +240,7 @@ def cmd_assemble(args: Args) -> int:
         workdir=args.workdir,
         log=log,
         layout=_layout_choice(args),
-        attempts_file=attempts.named(args.attempts) if args.attempts else None,
+        attempts_file=attempts.named(args.attempts, args.data) if args.attempts else None,
     )
     if args.record:
         try:
@@ -253,7 +253,7 @@ def cmd_assemble(args: Args) -> int:
 def cmd_confirm(args: Args) -> int:
     from mobynit.core import attempts
 
-    where = attempts.named(args.attempts) if args.attempts else attempts.state_path(args.data)
+    where = attempts.named(args.attempts, args.data) if args.attempts else attempts.state_path(args.data)
     previous = attempts.read(where)
     now, message = attempts.confirmed(previous, args.retry_extensions)
     if now != previous:

@@ -80,3 +80,14 @@ def test_a_fifo_as_the_attempts_file_reads_as_no_history(tmp_path: Path) -> None
     assert attempts.read(where) == NONE
     attempts.write(where, SOME)  # replaced by rename: the count goes on
     assert attempts.read(where) == SOME
+
+
+def test_a_file_named_below_the_data_partition_is_checked_from_the_partition(tmp_path: Path) -> None:
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir()
+    elsewhere.mkdir()
+    (data / "mobynit").symlink_to(elsewhere)
+    where = attempts.named(str(data / "mobynit" / "boot-attempts.json"), str(data))
+    assert where == attempts.state_path(str(data))
+    assert attempts.write(where, SOME) == [f"{data}/mobynit"]
+    assert os.listdir(elsewhere) == []
