@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from mobynit.tools.live import beneath_supported
+from mobynit.tools.live_state import beneath_supported
 from tests.harness import mounts
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mksquashfs") or not shutil.which("mkfs.erofs"),
