@@ -178,7 +178,8 @@ def cmd_start(opts: Options, cid: str) -> None:
         ctr.save(state.replace(status=STOPPED))
         _signal_proxy(state, signal.SIGUSR1)
         opts.log("info", f"started extension {cid}: it is installed and stopped")
-        level, said = merge_live(cid, opts.engine_root or DEFAULT_ENGINE_ROOT)
+        # The engine's data-root as create found it (from the rootfs path dockerd passes), not a default.
+        level, said = merge_live(cid, opts.engine_root or derived_engine_root(state.rootfs, cid) or DEFAULT_ENGINE_ROOT)
         opts.log(level, said)
 
 
