@@ -67,13 +67,15 @@ def merge_live(cid: str, engine_root: str, root: str = "/") -> tuple[str, str]:
     (log level, what happened). Only on a system booted by mobynit (its boot record
     is in `root`/run/mobynit); anywhere else the extension waits for the next boot.
     A failure here never fails the install: the next boot still applies it."""
+    from mobynit.core.sysext import HIERARCHIES
     from mobynit.tools import live
+    from mobynit.tools.live_state import Settings, beneath_supported
 
     if not os.path.exists(os.path.join(root, "run/mobynit/boot.json")):
         return "info", f"extension {cid}: this system was not booted by mobynit; it waits for the next boot"
-    s = live.Settings(root=root, hierarchies=live.sysext.HIERARCHIES, explicit=False, cmdline=_cmdline(),
-                      kernel_release=os.uname().release, beneath=live.beneath_supported(os.uname().release),
-                      data_store=engine_root, boot_record=os.path.join(root, "run/mobynit/boot.json"))
+    s = Settings(root=root, hierarchies=HIERARCHIES, explicit=False, cmdline=_cmdline(),
+                 kernel_release=os.uname().release, beneath=beneath_supported(os.uname().release),
+                 data_store=engine_root, boot_record=os.path.join(root, "run/mobynit/boot.json"))
     try:
         rec = live.apply(s, "refresh", lambda line: None)
     except (MobynitError, OSError) as e:
@@ -176,7 +178,8 @@ def cmd_start(opts: Options, cid: str) -> None:
         ctr.save(state.replace(status=STOPPED))
         _signal_proxy(state, signal.SIGUSR1)
         opts.log("info", f"started extension {cid}: it is installed and stopped")
-        level, said = merge_live(cid, opts.engine_root or DEFAULT_ENGINE_ROOT)
+        # The engine's data-root as create found it (from the rootfs path dockerd passes), not a default.
+        level, said = merge_live(cid, opts.engine_root or derived_engine_root(state.rootfs, cid) or DEFAULT_ENGINE_ROOT)
         opts.log(level, said)
 
 

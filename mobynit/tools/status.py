@@ -47,11 +47,13 @@ def live_lines(live_record: str) -> tuple[list[str], dict[str, object] | None]:
     """The live extensions beside the boot-time ones (mobynit.tools.live): words, and the record as JSON."""
     import os
 
+    from mobynit.core.sysext import HIERARCHIES
     from mobynit.tools import live
+    from mobynit.tools.live_state import Settings
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(live_record)))) or "/"
-    s = live.Settings(root=root, hierarchies=live.sysext.HIERARCHIES, explicit=False, cmdline="", kernel_release="",
-                      beneath=False, data_store=None, boot_record=None)
+    s = Settings(root=root, hierarchies=HIERARCHIES, explicit=False, cmdline="", kernel_release="",
+                 beneath=False, data_store=None, boot_record=None)
     try:
         rec, _now, note = live.status(s)
     except MobynitError as e:

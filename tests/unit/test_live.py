@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from mobynit.tools.live import beneath_supported
+from mobynit.tools.live_state import beneath_supported
 from tests.harness import mounts
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mksquashfs") or not shutil.which("mkfs.erofs"),
@@ -333,6 +333,44 @@ def test_status_shows_boot_time_and_live_extensions(root: Path, tmp_path: Path) 
     assert doc["live"]["state"] == "merged"
     mobynit("unmerge", "--root", str(root))
     assert "live: unmerged" in mobynit(*args).stdout
+
+
+def test_status_says_when_the_last_command_was_interrupted(root: Path, tmp_path: Path) -> None:
+    """The two states kill -9 can leave (docs/live.md): the record written `pending` and the
+    overlays not yet replaced, or replaced but the record not yet `merged`. The record is
+    edited as JSON here, as the interrupted command leaves it; the mount table is the kernel's."""
+    from mobynit.core.record import BootRecord, Hostapp
+
+    boot = BootRecord(hostapp=Hostapp(id="a" * 64, name="hostapp", layers=("/l",)), extensions=(), disabled_by=None,
+                      disabled_reason="no data partition given: hostapp only", kernel_release=os.uname().release,
+                      page_size=4096, target="/sysroot", layout="flat", layout_reason=None, mechanism="fsconfig",
+                      stacking_depth=1)
+    boot.write(str(root / "run/mobynit/boot.json"))
+    image(ext_tree("tool", tmp_path), root / "etc/extensions/tool.raw", "squashfs")
+    mobynit("merge", "--root", str(root))
+    live = root / "run/mobynit/live.json"
+    merged = json.loads(live.read_text())
+    args = ["status", "--record", str(root / "run/mobynit/boot.json"), "--live-record", str(live)]
+    assert not [line for line in mobynit(*args).stdout.splitlines() if "interrupted" in line]
+    assert [m.source for m in ours(root)] == ["mobynit-live.1"]
+
+    # Killed before its overlays were put in place: generation 2 pending, generation 1 mounted.
+    live.write_text(json.dumps({**merged, "state": "pending", "generation": 2}))
+    notes = [line for line in mobynit(*args).stdout.splitlines() if "interrupted" in line]
+    assert notes == ["live: the last command was interrupted: run `mobynit refresh` (or `unmerge`) to get to a known state"]
+
+    # Killed after: the mounted generation is the pending one, so the record holds.
+    live.write_text(json.dumps({**merged, "state": "pending", "generation": 1}))
+    notes = [line for line in mobynit(*args).stdout.splitlines() if "interrupted" in line]
+    assert notes == ["live: the last command was interrupted after its overlays were in place: the record below holds"]
+    doc = json.loads(mobynit(*args, "--json").stdout)
+    assert doc["live"]["state"] == "pending"
+
+    # What the note advises brings it to a known state.
+    mobynit("refresh", "--root", str(root), "--quiet")
+    out = mobynit(*args).stdout
+    assert "interrupted" not in out and "live: merged, generation 2: /usr overlaid" in out
+    assert [m.source for m in ours(root)] == ["mobynit-live.2"]
 
 
 def test_classify_any_bytes_is_a_kind_or_one_line() -> None:
