@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from qemu.debian_live import LIVE_MODULES, LIVE_PROBE, TREE
 from tests.harness.device import OVERLAY_CLASS, Device, ExtensionSpec, Layer, build_scratch_images
 from tests.harness.engine import Engine
 from tests.harness.rootfs import File, Symlink
@@ -59,6 +60,13 @@ if [ -e /.dockerenv ]; then mark dockerenv yes; else mark dockerenv no; fi
 mark root "$(findmnt -n -o FSTYPE,OPTIONS /)"
 if [ -f /run/mobynit/boot.json ]; then mark bootjson "$(tr -d '\n' < /run/mobynit/boot.json)"; else mark bootjson none; fi
 python3 -m mobynit status 2>&1 | while IFS= read -r line; do mark status "$line"; done
+if [ -d /mnt/data/live-probe ]; then  # the debian-live disk: live layering instead of the rest
+    /usr/local/sbin/mobynit-live-probe
+    mark uptime "$(cut -d' ' -f1 /proc/uptime)"
+    mark done
+    systemctl --no-block poweroff
+    exit 0
+fi
 confirm=mobynit-confirm.service state=/mnt/data/mobynit/boot-attempts.json
 mark confirm "$(systemctl show -P ActiveState $confirm) $(systemctl show -P Result $confirm)"
 journalctl -b -o cat -u $confirm | grep '^mobynit: ' | while IFS= read -r line; do mark confirm-said "$line"; done
@@ -151,9 +159,12 @@ def tree(cache: Path, suite: str = SUITE, mirror: str = MIRROR, log=print) -> Pa
     return root
 
 
-def build(workdir: Path, cache: Path) -> Device:
+def build(workdir: Path, cache: Path, modules: Path | None = None) -> Device:
     """sysroot/ and data/ of a device whose hostapp is the Debian tree with
-    the probe service, and whose data store holds one normal extension."""
+    the probe service, and whose data store holds one normal extension (and
+    the image `debian-live`, which the live probe installs). `modules` is the
+    kernel's lib/modules/<release>: the hostapp ships its loop and squashfs
+    modules there, as a device's hostapp ships its kernel's."""
     base_tree = tree(cache)
     sysroot, data = workdir / "sysroot", workdir / "data"
     sysroot.mkdir(parents=True)
@@ -202,6 +213,11 @@ def build(workdir: Path, cache: Path) -> Device:
                 "probe/usr/bin/balena-extension-manager": File(RUNTIME_COMMAND, 0o755),
                 "probe/usr/bin/mobynit-extension-manager": File(MANAGER_COMMAND, 0o755),
             }
+            files["probe/usr/local/sbin/mobynit-live-probe"] = File(LIVE_PROBE, 0o755)
+            files["probe/usr/local/bin/mobynit-tree"] = File(TREE, 0o755)
+            if modules is not None:
+                for rel in LIVE_MODULES:
+                    files[f"probe/usr/lib/modules/{modules.name}/{rel}"] = (modules / rel).read_bytes()
             for src in sorted(PACKAGE.rglob("*.py")):
                 rel = src.relative_to(PACKAGE)
                 files[f"probe/usr/local/lib/python3.11/dist-packages/mobynit/{rel}"] = src.read_bytes()
@@ -217,7 +233,12 @@ def build(workdir: Path, cache: Path) -> Device:
                 layers=(Layer(files={"usr/share/debian-stale/hello": "made for Debian 11\n"}),),
                 labels={**OVERLAY_CLASS, "io.balena.image.os-version": "11"},
             )
-            images = build_scratch_images(ext, [spec, stale])
+            live = ExtensionSpec(  # installed in the booted system by the live probe, merged at its start
+                name="debian-live",
+                layers=(Layer(files={"usr/share/debian-live/hello": "hello from a live extension\n"}),),
+                labels=dict(OVERLAY_CLASS),
+            )
+            images = build_scratch_images(ext, [spec, stale, live])
             ext_id = ext.create(images["debian-ext"], "debian-ext")
             stale_id = ext.create(images["debian-stale"], "debian-stale")
         finally:
@@ -230,4 +251,5 @@ def build(workdir: Path, cache: Path) -> Device:
     (data / "remove_me_to_reset").write_text("")
     return Device(sysroot=sysroot, data=data, hostapp_id=hostapp_id, hostapp_name="debian",
                   extensions={"debian-ext": ext_id, "debian-stale": stale_id}, apps=())
+
 

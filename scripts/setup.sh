@@ -4,7 +4,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 
-PACKAGES="python3 python3-venv docker.io busybox-static e2fsprogs cpio qemu-system-x86 qemu-utils
+PACKAGES="python3 python3-venv docker.io busybox-static e2fsprogs cpio qemu-system-x86 qemu-utils squashfs-tools erofs-utils
 util-linux kmod debootstrap zstd gzip fdisk"
 missing=""
 for p in $PACKAGES; do

@@ -215,6 +215,63 @@ def startup(trees: list[Tree], runs: int) -> tuple[float, list[float]]:
     return median_ms(bare), [median_ms(s) for s in imports]
 
 
+LIVE_COUNTS = (1, 20, 100)
+
+
+def env() -> dict[str, str]:
+    """This tree's environment, for the live rows."""
+    return Tree(label="this tree", path=REPO).env()
+
+
+def live_table(runs: int, scratch: Path) -> None:
+    """`mobynit merge` and `refresh` of 1, 20 and 100 squashfs sysext images (docs/live.md), whole process.
+
+    Run by the virtual environment's interpreter (the live commands are off the
+    boot path and use attrs); each merge is undone by an untimed unmerge.
+    """
+    import tempfile
+
+    print()
+    head = f"{'live':>8} {'images':>6} {'replace':>8} | {'wall ms':>8}"
+    print(head)
+    print("-" * len(head))
+    for n in LIVE_COUNTS:
+        root = scratch / f"live-{n}"
+        (root / "usr/bin").mkdir(parents=True)
+        (root / "usr/bin/base").write_text("base")
+        (root / "usr/lib").mkdir()
+        (root / "usr/lib/os-release").write_text("ID=bench\nVERSION_ID=1\n")
+        images = root / "var/lib/extensions"
+        images.mkdir(parents=True)
+        with tempfile.TemporaryDirectory() as src:
+            for i in range(n):
+                top = Path(src) / f"x{i:03d}"
+                (top / "usr/lib/extension-release.d").mkdir(parents=True)
+                (top / f"usr/lib/extension-release.d/extension-release.x{i:03d}").write_text("ID=bench\nVERSION_ID=1\n")
+                (top / f"usr/share/x{i:03d}").mkdir(parents=True)
+                (top / f"usr/share/x{i:03d}/file").write_text(str(i))
+                subprocess.run(["mksquashfs", str(top), str(images / f"x{i:03d}.raw"), "-quiet", "-noappend"],
+                               check=True, stdout=subprocess.DEVNULL)
+        live = [sys.executable, "-m", "mobynit"]
+        common = ["--root", str(root), "--quiet"]
+
+        def timed(*args: str) -> float:
+            t = time.perf_counter()
+            subprocess.run([*live, *args, *common], check=True, env=env(), stdout=subprocess.DEVNULL)
+            return time.perf_counter() - t
+
+        merges = []
+        for _ in range(runs):
+            merges.append(timed("merge"))
+            timed("unmerge")
+        print(f"{'merge':>8} {n:>6} {'-':>8} | {median_ms(merges):>8.1f}")
+        timed("merge")
+        for label, extra in (("beneath", ()), ("replace", ("--no-beneath",))):
+            refreshes = [timed("refresh", *extra) for _ in range(runs)]
+            print(f"{'refresh':>8} {n:>6} {label:>8} | {median_ms(refreshes):>8.1f}")
+        timed("unmerge")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=21, help="runs per row and tree (median reported)")
@@ -223,6 +280,7 @@ def main() -> int:
     ap.add_argument("--against", metavar="REV", help="also run a worktree of REV (A) and print B/A per row")
     ap.add_argument("--kernel", choices=("both", "new", "old"), default="both",
                     help="which mount mechanism's release to plan for (default both)")
+    ap.add_argument("--live-only", action="store_true", help="only the live layering rows (merge, refresh)")
     opts = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (mounts)", file=sys.stderr)
@@ -231,11 +289,10 @@ def main() -> int:
     trees = [worktree(opts.against), this] if opts.against else [this]
     for tree in trees:
         tree.compile()
-    matrix = QUICK if opts.quick else MATRIX
+    matrix = [] if opts.live_only else QUICK if opts.quick else MATRIX
     if opts.rows:
         matrix = [tuple(int(x) for x in r.split(":")) for r in opts.rows.split(",")]  # type: ignore[misc]
-    base = base_store()
-    devices = {(n, a): variant(base, n, a, trees) for n, a in matrix}
+    devices = {(n, a): variant(base_store(), n, a, trees) for n, a in matrix}
     releases = [(RELEASE_NEW, ">=6.8"), (RELEASE_OLD, "6.1")]
     if opts.kernel != "both":
         releases = releases[:1] if opts.kernel == "new" else releases[1:]
@@ -282,6 +339,8 @@ def main() -> int:
                 if (rows[0].layout, rows[0].included) != (b.layout, b.included):
                     cells += f" A: {rows[0].layout}, {rows[0].included} included"
             print(cells, flush=True)
+    if not opts.against and not opts.rows:  # this tree's own rows, off the boot path
+        live_table(opts.runs, scratch)
     syscalls.umount(str(scratch), syscalls.MNT_DETACH)
     return 0
 

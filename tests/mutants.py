@@ -88,6 +88,15 @@ MUTANTS = [
            "        if False:", "tests/unit/test_speed_paths.py"),
     Mutant("facts-path-dotdot-allowed", "mobynit/core/facts.py", 'and "/../" not in wrapped', "",
            "tests/unit/test_speed_paths.py"),
+    # the state on the data partition, and the work directory
+    Mutant("attempts-dir-followed", "mobynit/core/fileio.py",
+           "                inner = os.open(part, _O_DIR, dir_fd=fd)\n            except FileNotFoundError:",
+           "                inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)\n            except FileNotFoundError:",
+           "tests/unit/test_attempts_file.py"),
+    Mutant("workdir-leftovers-kept", "mobynit/core/workdir.py", "            self.clear()", "            pass",
+           "tests/engine/test_workdir.py"),
+    Mutant("workdir-target-stacked", "mobynit/core/assemble.py", "        if is_mount_point(target):", "        if False:",
+           "tests/engine/test_workdir.py"),
     # the purge marker
     Mutant("purge-marker-ignored", "mobynit/core/assemble.py", "    if problem is not None:\n        return [], None,",
            "    if problem is None and False:\n        return [], None,"),

@@ -21,12 +21,14 @@ from mobynit.core.model import Record
 from mobynit.core.paths import DEFAULT_WORKDIR, StorePaths
 from mobynit.core.record import BootRecord, Counted
 from mobynit.core.store import Store, hostapp_id
+from mobynit.core.mounttable import is_mount_point
+from mobynit.core.workdir import WorkDir
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from mobynit.core.attempts import Attempts
+    from mobynit.core.attempts import Attempts, Location
     from mobynit.core.model import Container, Decision, Extension
     from mobynit.core.plan import Operation, Plan
 
@@ -55,6 +57,10 @@ def find_extensions(
         return [], None, f"data partition not found at {where.data}: hostapp only"
     problem = _marker_problem(where.purge_marker) if where.purge_marker else None
     if problem is not None:
+        if problem == "is missing" and os.path.isdir(f"{where.data}/containers") and not os.path.lexists(where.data_store):
+            # A common slip: the engine's data-root given where the partition holding it belongs.
+            return [], None, (f"{where.data} is an engine's data-root (it has containers/), not a data partition:"
+                              f" give the partition that holds it, or the store with --data-store: hostapp only")
         return [], None, f"{where.purge_marker} {problem} (a data reset may be pending): extensions not overlaid"
     try:
         return Store(where.data_store).scan(label.is_extension, kernel_release), None, None
@@ -230,7 +236,27 @@ def mount_plan(
     `exclude` maps extension ids to the reason they are kept out from the start;
     `first` is a plan already made for exactly these inputs, tried before any other.
     Returns the plan that was carried out and the fallbacks taken on the way.
+    Holds the work directory (mobynit.core.workdir) throughout.
     """
+    with WorkDir(workdir):
+        if is_mount_point(target):
+            raise MountError(f"{target} is already a mount point: unmount it first (a root is never mounted on a root)")
+        return _mount_plan(sel, target=target, workdir=workdir, page_size=page_size, log=log, layout=layout,
+                           timings=timings, exclude=exclude, first=first)
+
+
+def _mount_plan(
+    sel: Selection,
+    *,
+    target: str,
+    workdir: str,
+    page_size: int,
+    log: Callable[[str], None],
+    layout: str | None,
+    timings: dict[str, float] | None,
+    exclude: Mapping[str, str] | None,
+    first: Plan | None,
+) -> tuple[Plan, list[str]]:
     exclude = dict(exclude or {})
     fallbacks: list[str] = []
     mechanism: str | None = None
@@ -333,7 +359,7 @@ def assemble(
     return record
 
 
-def _count_attempt(path: str, plan: Plan, previous: Attempts, planned: Sequence[str], now: Attempts,
+def _count_attempt(where: Location, plan: Plan, previous: Attempts, planned: Sequence[str], now: Attempts,
                    giving_up: str | None, tries: int, log: Callable[[str], None]) -> Counted:
     """Record this boot in the attempts file; a failure to write is a warning, never a failed boot."""
     from mobynit.core import attempts
@@ -344,10 +370,11 @@ def _count_attempt(path: str, plan: Plan, previous: Attempts, planned: Sequence[
         now, _ = attempts.at_boot(previous, mounted, tries)
     if now != previous:
         try:
-            attempts.write(path, now)
+            for planted in attempts.write(where, now):
+                log(f"warning: {planted} was not a directory (a symlink or a file): replaced")
         except StoreError as e:
             log(f"warning: cannot record this boot attempt: {e}")
-    return Counted(file=path, extensions=now.extensions, unconfirmed=now.unconfirmed, max_tries=tries,
+    return Counted(file=where.path, extensions=now.extensions, unconfirmed=now.unconfirmed, max_tries=tries,
                    fallback=now.fallback, reason=giving_up)
 
 

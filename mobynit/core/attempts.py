@@ -19,7 +19,7 @@ import os
 
 from mobynit.core import jsonio
 from mobynit.core.errors import StoreError
-from mobynit.core.fileio import read_file, write_atomic
+from mobynit.core.fileio import open_beneath, read_file, write_atomic_at
 from mobynit.core.model import Record
 from mobynit.core.store import is_id
 
@@ -46,14 +46,46 @@ class Attempts(Record):
 NONE = Attempts(extensions=(), unconfirmed=0, fallback=False)
 
 
-def state_path(data: str) -> str:
-    return f"{data.rstrip('/')}/{STATE_NAME}"
+class Location(Record):
+    """Where the attempts file is: `rel` below `top`, the partition (or the
+    directory the operator named), every level between them checked."""
+
+    __slots__ = ("top", "rel")
+    top: str
+    rel: str
+
+    @property
+    def path(self) -> str:
+        return f"{self.top.rstrip('/')}/{self.rel}"
 
 
-def read(path: str) -> Attempts:
-    """The recorded attempts; NONE when the file is missing, torn or garbled."""
+def state_path(data: str) -> Location:
+    """The attempts file of a data partition."""
+    return Location(top=data.rstrip("/") or "/", rel=STATE_NAME)
+
+
+def named(path: str, data: str | None = None) -> Location:
+    """An attempts file the operator named (`--attempts FILE`): below the data
+    partition when it is there (every level then checked), else in the
+    directory named."""
+    if data is not None:
+        top = data.rstrip("/") or "/"
+        if path.startswith(top.rstrip("/") + "/"):
+            return Location(top=top, rel=path[len(top.rstrip("/")) + 1 :])
+    directory, name = os.path.split(path)
+    return Location(top=directory or ".", rel=name)
+
+
+def read(where: Location) -> Attempts:
+    """The recorded attempts; NONE when the file is missing, torn or garbled,
+    or when a level on the way is not a real directory of the partition."""
+    directory, name = os.path.split(where.rel)
     try:
-        doc = jsonio.loads(read_file(path, 1 << 20))
+        fd, _ = open_beneath(where.top, directory)
+        try:
+            doc = jsonio.loads(read_file(name, 1 << 20, dir_fd=fd, display=where.path))
+        finally:
+            os.close(fd)
     except (StoreError, ValueError, RecursionError):
         return NONE
     if not isinstance(doc, dict) or doc.get("version") != VERSION:
@@ -66,23 +98,31 @@ def read(path: str) -> Attempts:
     return Attempts(extensions=tuple(sorted(ids)), unconfirmed=count, fallback=fallback)
 
 
-def write(path: str, attempts: Attempts) -> None:
+def write(where: Location, attempts: Attempts) -> list[str]:
     """Atomically and durably (mobynit.core.fileio): a power cut leaves the old file or the new one.
 
-    Raises StoreError naming the file when it cannot be written.
+    Its directory on the partition is ours: a level that is missing is made,
+    one planted in its way (a symlink, a file) is replaced, never followed;
+    the paths replaced are returned, to be said. Raises StoreError naming the
+    file when it cannot be written.
     """
-    directory = os.path.dirname(path) or "."
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise StoreError(f"{directory}: cannot create: {e.strerror}") from None
+    directory, name = os.path.split(where.rel)
     doc = {
         "version": VERSION,
         "extensions": list(attempts.extensions),
         "unconfirmed": attempts.unconfirmed,
         "fallback": attempts.fallback,
     }
-    write_atomic(path, (jsonio.dumps(doc) + "\n").encode(), 0o600)
+    try:
+        os.makedirs(where.top, mode=0o700, exist_ok=True)  # the operator's own directory (`--attempts FILE`)
+    except OSError as e:
+        raise StoreError(f"{where.top}: cannot create: {e.strerror}") from None
+    fd, replaced = open_beneath(where.top, directory, create=True)
+    try:
+        write_atomic_at(fd, name, (jsonio.dumps(doc) + "\n").encode(), 0o600, display=where.path)
+    finally:
+        os.close(fd)
+    return replaced
 
 
 def max_tries(value: str | None, log: Callable[[str], None] | None = None) -> int:

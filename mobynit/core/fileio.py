@@ -143,6 +143,57 @@ def open_dir(name: str, dir_fd: int | None = None, display: str | None = None) -
         raise StoreError(f"{shown}: cannot open the directory: {e.strerror}") from None
 
 
+def open_beneath(top: str, rel: str, *, create: bool = False) -> tuple[int, list[str]]:
+    """(descriptor, replaced) for the directory `top/rel`, reached from `top`
+    one level at a time: each level a real directory (never through a
+    symlink) on `top`'s device. `top` is the operator's own path, followed.
+
+    With `create`, a missing level is made (0700), and one that is something
+    else (a symlink, a file, a FIFO) is removed and made: the levels below
+    `top` are ours, so whatever stands there was planted. The paths replaced
+    come back, to be said.
+    """
+    try:
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StoreError(f"{top}: cannot open the directory: {e.strerror}") from None
+    replaced: list[str] = []
+    try:
+        device = os.fstat(fd).st_dev
+        path = top.rstrip("/")
+        for part in (p for p in rel.split("/") if p):
+            path = f"{path}/{part}"
+            try:
+                inner = os.open(part, _O_DIR, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise StoreError(f"{path}: missing") from None
+                _mkdir_at(fd, part, path)
+                inner = os.open(part, _O_DIR, dir_fd=fd)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR) or not create:
+                    raise StoreError(f"{path}: not a directory (a symlink or a file), not followed") from None
+                remove_at(fd, part, path)
+                replaced.append(path)
+                _mkdir_at(fd, part, path)
+                inner = os.open(part, _O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+            if os.fstat(fd).st_dev != device:
+                raise StoreError(f"{path}: on another file system (a mount point), not followed")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, replaced
+
+
+def _mkdir_at(dir_fd: int, name: str, shown: str) -> None:
+    try:
+        os.mkdir(name, 0o700, dir_fd=dir_fd)
+    except OSError as e:
+        raise StoreError(f"{shown}: cannot create: {e.strerror}") from None
+
+
 def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644, display: str | None = None) -> None:
     """Replace the entry `name` of the open directory `dir_fd` with `data`, durably.
 

@@ -17,6 +17,7 @@ KERNEL_VERSION = "io.balena.image.kernel-version"
 KERNEL_ABI = "io.balena.image.kernel-abi-id"
 OVERRIDE = "io.balena.image.override"
 OS_VERSION = "io.balena.image.os-version"
+REQUIRES_REBOOT = "io.balena.image.requires-reboot"  # "true": never merged live, only at the next boot
 
 # Cheap byte-level test before parsing a container's JSON: the engine writes
 # label keys verbatim, so a config without these bytes is not an extension.

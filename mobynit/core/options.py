@@ -103,7 +103,11 @@ def parse(command: Command, argv: Sequence[str], prog: str) -> Args | None:
         name, eq, inline = word.partition("=")
         opt = by_name.get(name)
         if opt is None:
-            hint = "" if word.startswith("-") else " (this command takes no positional arguments)"
+            if word.startswith("-"):
+                near = closest(name, [o.name for o in command.options if not o.hidden])
+                hint = f" (did you mean {near}?)" if near else ""
+            else:
+                hint = " (this command takes no positional arguments)"
             raise UsageError(f"{command.name}: unknown option {word!r}{hint}; see {prog} {command.name} --help")
         if opt.metavar is None:
             if eq:
@@ -135,6 +139,28 @@ def parse(command: Command, argv: Sequence[str], prog: str) -> Args | None:
     if missing:
         raise UsageError(f"{command.name}: {', '.join(missing)} is required")
     return Args(values)
+
+
+def closest(word: str, names: Sequence[str]) -> str | None:
+    """The name nearest to a mistyped `word` (edit distance at most 2, or a
+    third of a long word's length, never over 3), for "did you mean"; None
+    when nothing is that close."""
+    best, best_cost = None, min(3, max(2, len(word) // 3)) + 1
+    for name in names:
+        cost = _distance(word, name)
+        if cost < best_cost:
+            best, best_cost = name, cost
+    return best
+
+
+def _distance(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions, substitutions."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
 
 
 def overview(prog: str, summary: str, commands: Sequence[Command]) -> str:

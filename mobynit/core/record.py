@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 VERSION = 1
 RECORD_LIMIT = 16 << 20
 DEFAULT_RECORD = "/run/mobynit/boot.json"  # where the booted system finds it
+LIVE_RECORD = "run/mobynit/live.json"  # beside it, relative to the root that `mobynit merge` changed
 
 
 class RecordError(MobynitError):
@@ -85,14 +86,17 @@ class Counted(Record):
 
 
 class Partition(Record):
-    """A partition the initramfs looked for: how it was named, what it was, why it was not used."""
+    """A partition the initramfs looked for: how it was named, what it was, why
+    it was not used, and the partitions elsewhere carrying its name that were
+    not trusted (docs/boot.md)."""
 
-    __slots__ = ("spec", "device", "fstype", "reason")
-    _defaults = {"fstype": None, "reason": None}
+    __slots__ = ("spec", "device", "fstype", "reason", "ignored")
+    _defaults = {"fstype": None, "reason": None, "ignored": ()}
     spec: str
     device: str | None
     fstype: str | None
     reason: str | None
+    ignored: tuple[str, ...]
 
 
 class BootInfo(Record):
@@ -197,6 +201,75 @@ class BootRecord(Record):
         return cls.from_json(doc, path)
 
 
+class LiveEntry(Record):
+    """One extension `mobynit merge` considered: a sysext image or a container extension."""
+
+    __slots__ = ("name", "kind", "source", "merged", "hierarchies", "reason", "warning")
+    name: str
+    kind: str  # directory, squashfs, erofs, container
+    source: str  # the image's path, or the container's id
+    merged: bool
+    hierarchies: tuple[str, ...]  # the hierarchies it has files in, when merged
+    reason: str | None  # why it is not merged
+    warning: str | None
+
+
+class LiveRecord(Record):
+    """What is merged into the running system now (mobynit.tools.live), beside the boot record.
+
+    `state` is "merged" or "unmerged", or "pending" while a command is between
+    writing this record and attaching its overlays: a record still pending
+    when read means that command was interrupted, and the mount table (each
+    overlay's source names its `generation`) tells what really happened.
+    """
+
+    __slots__ = ("generation", "state", "hierarchies", "mechanism", "extensions")
+    generation: int
+    state: str
+    hierarchies: tuple[str, ...]  # the hierarchies overlaid
+    mechanism: str  # how the last overlays were put in place: attach, beneath or replace
+    extensions: tuple[LiveEntry, ...]
+
+    def as_json(self) -> dict[str, object]:
+        doc: dict[str, object] = {"version": VERSION}
+        doc.update({key: _plain(getattr(self, key)) for key in self.__slots__})
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object, where: str) -> LiveRecord:
+        try:
+            if not isinstance(doc, dict) or doc.get("version") != VERSION:
+                raise _Bad(f"not version {VERSION}")
+            return _read(cls, doc, "")  # type: ignore[return-value]
+        except _Bad as e:
+            raise RecordError(f"{where}: not a mobynit live record: {e}") from None
+
+    def write(self, path: str) -> None:
+        import os
+
+        directory = os.path.dirname(path) or "."
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"{directory}: cannot create: {e.strerror}") from None
+        write_atomic(path, (jsonio.dumps(self.as_json()) + "\n").encode())
+
+    @classmethod
+    def read(cls, path: str) -> LiveRecord | None:
+        """The record, or None when there is none (nothing was ever merged live)."""
+        try:
+            raw = read_file(path, RECORD_LIMIT)
+        except StoreError as e:
+            if str(e).endswith(": missing"):
+                return None
+            raise RecordError(f"cannot read the live record {e}") from None
+        try:
+            doc = jsonio.loads(raw)
+        except (ValueError, RecursionError) as e:
+            raise RecordError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_json(doc, path)
+
+
 _RECORD_ONLY = frozenset(("fallbacks", "timings_ms", "attempts", "boot"))
 
 
@@ -230,7 +303,7 @@ _FIELDS: dict[type, dict[str, object]] = {
     Hostapp: {"id": _STR, "name": _STR, "layers": ("list", _STR)},
     Counted: {"file": _STR, "extensions": ("list", _STR), "unconfirmed": _INT, "max_tries": _INT,
               "fallback": _BOOL, "reason": _OSTR},
-    Partition: {"spec": _STR, "device": _OSTR, "fstype": _OSTR, "reason": _OSTR},
+    Partition: {"spec": _STR, "device": _OSTR, "fstype": _OSTR, "reason": _OSTR, "ignored": ("list", _STR)},
     BootInfo: {"init_start": _ONUM, "modules_loaded": _ONUM, "python_start": _NUM, "python_ready": _NUM,
                "cmdline": _STR, "root": (Partition, _NONE), "data": (Partition, _NONE), "init": _STR,
                "phases": ("map", _NUM), "handover": _NUM},
@@ -239,8 +312,12 @@ _FIELDS: dict[type, dict[str, object]] = {
                  "mechanism": _STR, "stacking_depth": _INT, "mounts": ("list", dict),
                  "fallbacks": ("list", _STR), "timings_ms": (("map", _NUM), _NONE), "attempts": (Counted, _NONE),
                  "boot": (BootInfo, _NONE)},
+    LiveEntry: {"name": _STR, "kind": _STR, "source": _STR, "merged": _BOOL, "hierarchies": ("list", _STR),
+                "reason": _OSTR, "warning": _OSTR},
+    LiveRecord: {"generation": _INT, "state": _STR, "hierarchies": ("list", _STR), "mechanism": _STR,
+                 "extensions": ("list", LiveEntry)},
 }
-_OPTIONAL = {Entry: ("reason", "warning"), Partition: ("fstype", "reason"), BootRecord: ("boot",)}
+_OPTIONAL = {Entry: ("reason", "warning"), Partition: ("fstype", "reason", "ignored"), BootRecord: ("boot",)}
 
 
 def _read(cls: type, doc: object, where: str) -> Record:
@@ -253,7 +330,7 @@ def _read(cls: type, doc: object, where: str) -> Record:
         path = f"{where}.{key}" if where else key
         if key not in doc:
             if key in _OPTIONAL.get(cls, ()):
-                values[key] = None
+                values[key] = cls._defaults.get(key)  # type: ignore[attr-defined]
                 continue
             raise _Bad(f"{path} is missing")
         values[key] = _value(kind, doc[key], path)

@@ -7,6 +7,11 @@ so an extension reads the same wherever a person meets it:
     extension NAME: skipped: REASON
     extension NAME: warning: WARNING
 
+Live layering (`mobynit merge`, `list`, `status`) words its extensions here too:
+
+    live sysext squashfs NAME: merged into /usr
+    live container extension NAME: not merged: REASON
+
 Everything that came from a store passes through `shown()` first.
 """
 
@@ -17,7 +22,7 @@ from mobynit.core.model import OVERRIDE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from mobynit.core.record import BootRecord, Entry
+    from mobynit.core.record import BootRecord, Entry, LiveEntry, LiveRecord
 
 
 def position(entry: Entry) -> str:
@@ -64,3 +69,31 @@ def selection(rec: BootRecord) -> list[str]:
 def mounted(rec: BootRecord) -> str:
     n = len(rec.included)
     return f"root mounted read-only at {rec.target}: hostapp and {n} extension{'s' if n != 1 else ''}"
+
+
+def live_entry(e: LiveEntry, would: bool = False) -> list[str]:
+    """One live extension: merged (or would be), or why not."""
+    what = "container extension" if e.kind == "container" else f"sysext {e.kind}"
+    lines = [f"live {what} {shown(e.name)}: warning: {e.warning}"] if e.warning else []
+    if e.merged:
+        verb = "would merge" if would else "merged"
+        lines.append(f"live {what} {shown(e.name)}: {verb} into {', '.join(e.hierarchies)}")
+    else:
+        lines.append(f"live {what} {shown(e.name)}: {'not merged' if not would else 'skipped'}: {e.reason}")
+    return lines
+
+
+def live(rec: LiveRecord | None, note: str | None = None, would: bool = False) -> list[str]:
+    """What is merged live, from where, and why anything was refused; `would`: what a merge would do."""
+    out: list[str] = []
+    if note:
+        out.append(f"live: {note}")
+    if rec is None:
+        out.append("live: nothing merged since boot")
+        return out
+    if not would:
+        where = ", ".join(rec.hierarchies) or "nothing"
+        out.append(f"live: {rec.state}, generation {rec.generation}: {where} overlaid ({rec.mechanism})")
+    for e in rec.extensions:
+        out += live_entry(e, would)
+    return out

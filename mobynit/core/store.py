@@ -296,7 +296,7 @@ class Store:
         installed yet); one that cannot be read (`docker` a file, a directory
         the file system reports damaged) raises StoreError, so that it is said.
         """
-        if not os.path.lexists(self.root):
+        if not _present(self.root):
             return []  # nothing installed yet
         self._enter()
         try:
@@ -358,6 +358,17 @@ class Store:
             id=name, name=cname, container=container, modules=modules, fault=None, release=ext_release,
             release_name=release_name,
         )
+
+
+def _present(path: str) -> bool:
+    """Whether `path` exists; a file system that cannot tell (damaged, EUCLEAN) is said, not read as absent."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise StoreError(f"{path}: {e.strerror}") from None
+    return True
 
 
 def _short(name: str) -> str:

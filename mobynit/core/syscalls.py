@@ -30,6 +30,7 @@ MNT_DETACH = 0x2
 CLONE_NEWNS = 0x00020000
 
 # The new mount API (x86-64 numbers; glibc 2.36 has no wrappers for all of them).
+SYS_open_tree = 428
 SYS_move_mount = 429
 SYS_fsopen = 430
 SYS_fsconfig = 431
@@ -40,6 +41,15 @@ FSCONFIG_CMD_CREATE = 6
 FSMOUNT_CLOEXEC = 0x1
 MOUNT_ATTR_RDONLY = 0x1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_BENEATH = 0x200  # Linux >= 6.5: attach beneath the top mount at the target
+OPEN_TREE_CLONE = 0x1
+OPEN_TREE_CLOEXEC = 0o2000000
+
+# Loop devices, from <linux/loop.h>.
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A  # Linux >= 5.8: attach and configure in one call
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4  # the device detaches itself when its last user (the mount) goes
 AT_FDCWD = -100
 
 # The mount flags a plan names, by the words mount(8) uses.
@@ -57,8 +67,8 @@ class _Libc:
     them (ctypes/__init__.py: CDLL, c_int, c_char_p...).
     """
 
-    __slots__ = ("_handle", "mount", "umount2", "unshare", "setns", "syscall", "fsconfig", "get_errno", "c_int", "c_uint",
-                 "c_long")
+    __slots__ = ("_handle", "mount", "umount2", "unshare", "setns", "syscall", "fsconfig", "ioctl", "get_errno", "c_int",
+                 "c_uint", "c_long")
 
     def __init__(self) -> None:
         import _ctypes
@@ -103,6 +113,7 @@ class _Libc:
         self.syscall = bind("syscall", LongFunction)  # variadic: each argument passed as its C type
         # fsconfig, called once per layer: its C types declared once rather than wrapped per call.
         self.fsconfig = bind("syscall", LongFunction, c_long, c_int, c_uint, c_char_p, c_char_p, c_int)
+        self.ioctl = bind("ioctl", IntFunction)  # loop devices (live layering): arguments as given
         self.get_errno = _ctypes.get_errno
         self.c_int, self.c_uint, self.c_long = c_int, c_uint, c_long  # for syscall's variadic arguments
 
@@ -182,3 +193,67 @@ def move_mount_to(mount_fd: int, target: str) -> None:
         f"move_mount {target}", SYS_move_mount, libc.c_int(mount_fd), b"", libc.c_int(AT_FDCWD),
         _enc(target), libc.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
     )
+
+
+def move_mount(mount_fd: int, target: str, beneath: bool = False) -> None:
+    """Attach a detached mount at `target`; `beneath` puts it under the mount
+    already there (MOVE_MOUNT_BENEATH), so that detaching the top one later
+    reveals it: a replacement with no moment without either."""
+    libc = _libc()
+    flags = MOVE_MOUNT_F_EMPTY_PATH | (MOVE_MOUNT_BENEATH if beneath else 0)
+    _syscall(
+        f"move_mount {'beneath ' if beneath else ''}{target}", SYS_move_mount, libc.c_int(mount_fd), b"",
+        libc.c_int(AT_FDCWD), _enc(target), libc.c_uint(flags),
+    )
+
+
+def open_tree_clone(path: str) -> int:
+    """A detached copy of the mount at `path` (a bind mount not yet attached); the caller closes the fd."""
+    libc = _libc()
+    return _syscall(f"open_tree {path}", SYS_open_tree, libc.c_int(AT_FDCWD), _enc(path),
+                    libc.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC))
+
+
+def fsmount_fd(fstype: str, options: list[tuple[str, str]], attr_flags: int = MOUNT_ATTR_RDONLY) -> int:
+    """A detached mount of a new `fstype` filesystem configured by string `options`."""
+    fd = fsopen(fstype)
+    try:
+        for key, value in options:
+            fsconfig_string(fd, key, value)
+        fsconfig_create(fd)
+        return fsmount(fd, attr_flags)
+    finally:
+        os.close(fd)
+
+
+def loop_attach(image_fd: int) -> tuple[str, int]:
+    """A read-only, self-clearing loop device over the open file `image_fd`:
+    (its path, an open descriptor of it). Closing the descriptor before
+    anything mounts it detaches the device again."""
+    import ctypes
+    import struct
+
+    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _attempt in range(8):  # another process may take the free device first
+            number = _libc().ioctl(ctl, LOOP_CTL_GET_FREE)
+            if number < 0:
+                raise _fail("loop-control get free")
+            path = f"/dev/loop{number}"
+            try:
+                dev = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise OSError(2, f"{path}: no device node (is devtmpfs mounted?)") from None
+            # struct loop_config: fd, block_size, struct loop_info64 (232 bytes), 64 reserved bytes.
+            info = struct.pack("=5Q4I64s64s32s2Q", 0, 0, 0, 0, 0, 0, 0, 0,
+                               LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR, b"", b"", b"", 0, 0)
+            config = ctypes.create_string_buffer(struct.pack("=II", image_fd, 0) + info + bytes(64))
+            if _libc().ioctl(dev, LOOP_CONFIGURE, config) == 0:
+                return path, dev
+            err = ctypes.get_errno()
+            os.close(dev)
+            if err != 16:  # EBUSY: taken meanwhile, ask again
+                raise OSError(err, f"loop configure {path}: {os.strerror(err)}")
+        raise OSError(16, "no free loop device after 8 attempts")
+    finally:
+        os.close(ctl)

@@ -142,7 +142,7 @@ class Boot:
             raise HostappError(f"cannot mount root partition {path} ({fstype}) read-only: {e.strerror}") from None
         self.timed("mount_root", start)
         self.root_part = root
-        self.root = Partition(spec=text, device=path, fstype=fstype)
+        self.root = Partition(spec=text, device=path, fstype=fstype, ignored=tuple(p.path for p in choice.ignored))
         self.log(f"root {_named(text, path)}, mounted read-only")
 
     def mount_data(self) -> str | None:
@@ -196,6 +196,7 @@ class Boot:
         if choice.ignored:
             self.log(f"ignoring {partitions.names(choice.ignored)}: it carries {spec}, but only the root "
                      f"partition's disk {root.disk} is trusted for it")
+            self.data = self.data.replace(ignored=tuple(p.path for p in choice.ignored))
         if choice.part is None:
             return None, choice.why or f"data partition {spec} not found"
         path = spec.value if spec.key == "PATH" else choice.part.path

@@ -62,6 +62,40 @@ def index_layers(engine_root: str, cid: str) -> str | None:
     return None
 
 
+def merge_live(cid: str, engine_root: str, root: str = "/") -> tuple[str, str]:
+    """Merge the extension into the running system now if it can go live (docs/live.md):
+    (log level, what happened). Only on a system booted by mobynit (its boot record
+    is in `root`/run/mobynit); anywhere else the extension waits for the next boot.
+    A failure here never fails the install: the next boot still applies it."""
+    from mobynit.core.sysext import HIERARCHIES
+    from mobynit.tools import live
+    from mobynit.tools.live_state import Settings, beneath_supported
+
+    if not os.path.exists(os.path.join(root, "run/mobynit/boot.json")):
+        return "info", f"extension {cid}: this system was not booted by mobynit; it waits for the next boot"
+    s = Settings(root=root, hierarchies=HIERARCHIES, explicit=False, cmdline=_cmdline(),
+                 kernel_release=os.uname().release, beneath=beneath_supported(os.uname().release),
+                 data_store=engine_root, boot_record=os.path.join(root, "run/mobynit/boot.json"))
+    try:
+        rec = live.apply(s, "refresh", lambda line: None)
+    except (MobynitError, OSError) as e:
+        return "warning", f"extension {cid}: not merged live ({e}); it waits for the next boot"
+    entry = next((e for e in rec.extensions if e.source == cid), None)
+    if entry is None:
+        return "warning", f"extension {cid}: not found in {engine_root}; it waits for the next boot"
+    if entry.merged:
+        return "info", f"extension {cid}: merged live into {', '.join(entry.hierarchies)}"
+    return "info", f"extension {cid}: {entry.reason}" + ("" if "next boot" in (entry.reason or "") else "; it waits for the next boot")
+
+
+def _cmdline() -> str:
+    try:
+        with open("/proc/cmdline", encoding="utf-8", errors="surrogateescape") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 class Options(Record):
     """The global options, as runc takes them."""
 
@@ -144,6 +178,9 @@ def cmd_start(opts: Options, cid: str) -> None:
         ctr.save(state.replace(status=STOPPED))
         _signal_proxy(state, signal.SIGUSR1)
         opts.log("info", f"started extension {cid}: it is installed and stopped")
+        # The engine's data-root as create found it (from the rootfs path dockerd passes), not a default.
+        level, said = merge_live(cid, opts.engine_root or derived_engine_root(state.rootfs, cid) or DEFAULT_ENGINE_ROOT)
+        opts.log(level, said)
 
 
 # Signals that ask for the container to be gone: to a proxy already gone, they are met.

@@ -85,21 +85,27 @@ class EngineClient:
             raise EngineAPIError(f"GET {path}: engine answered {status}: {_message(body)}")
         return body
 
-    def containers(self) -> list[dict]:
-        body = self.get("/containers/json?all=1")
+    def _list(self, path: str, what: str) -> list[dict]:
+        body = self.get(path)
         if not isinstance(body, list) or not all(isinstance(c, dict) for c in body):
-            raise EngineAPIError("GET /containers/json: the answer is not a list of containers")
+            raise EngineAPIError(f"GET {path.partition('?')[0]}: the answer is not a list of {what}")
         return body
 
-    def inspect(self, cid: str) -> dict | None:
-        """The container's details, None if it went away meanwhile."""
-        path = f"/containers/{urllib.parse.quote(cid)}/json"
+    def _object(self, path: str) -> dict | None:
+        """One object's details, None if there is no such object (any more)."""
         status, body = self.request("GET", path)
         if status == 404:
             return None
         if status != 200 or not isinstance(body, dict):
             raise EngineAPIError(f"GET {path}: engine answered {status}: {_message(body)}")
         return body
+
+    def containers(self) -> list[dict]:
+        return self._list("/containers/json?all=1", "containers")
+
+    def inspect(self, cid: str) -> dict | None:
+        """The container's details, None if it went away meanwhile."""
+        return self._object(f"/containers/{urllib.parse.quote(cid)}/json")
 
     def remove(self, cid: str) -> None:
         """Remove the container with its anonymous volumes (forced: an extension
@@ -111,19 +117,10 @@ class EngineClient:
             raise EngineAPIError(f"DELETE {path}: engine answered {status}: {_message(body)}")
 
     def images(self) -> list[dict]:
-        body = self.get("/images/json")
-        if not isinstance(body, list) or not all(isinstance(i, dict) for i in body):
-            raise EngineAPIError("GET /images/json: the answer is not a list of images")
-        return body
+        return self._list("/images/json", "images")
 
     def inspect_image(self, ref: str) -> dict | None:
-        path = f"/images/{urllib.parse.quote(ref, safe='')}/json"
-        status, body = self.request("GET", path)
-        if status == 404:
-            return None
-        if status != 200 or not isinstance(body, dict):
-            raise EngineAPIError(f"GET {path}: engine answered {status}: {_message(body)}")
-        return body
+        return self._object(f"/images/{urllib.parse.quote(ref, safe='')}/json")
 
     def remove_image(self, ref: str) -> str | None:
         """Untag or delete, never forced: None when done (or gone already), else

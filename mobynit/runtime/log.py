@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 
@@ -42,12 +43,17 @@ class Log:
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
             return
+        # Never through a final symlink, never blocking on a FIFO, only into a regular file.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, flags, 0o644)
         except OSError as e:
             sys.stderr.write(f"{PROG}: cannot open log {self.path}: {e.strerror}; {line}\n")
             return
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                sys.stderr.write(f"{PROG}: log {self.path} is not a regular file; {line}\n")
+                return
             os.write(fd, (line + "\n").encode())
         finally:
             os.close(fd)

@@ -12,7 +12,7 @@ import os
 import sys
 
 from mobynit.core.errors import MobynitError, StoreError, UsageError
-from mobynit.core.options import Args, Command, Opt, overview, parse
+from mobynit.core.options import Args, Command, Opt, closest, overview, parse
 from mobynit.core.paths import DEFAULT_TARGET, DEFAULT_WORKDIR
 from mobynit.core.record import DEFAULT_RECORD
 
@@ -95,20 +95,55 @@ def commands() -> list[Command]:
              Opt("--force", None, "walk layers again even if their facts are recorded", default=False)],
             cmd_index,
         ),
+        *_live_commands(),
         Command("boot", "Assemble the root and prepare the handover (run by the initramfs /init as PID 1).",
                 [], "mobynit.tools.status:cmd_boot"),
         Command(
             "status", "Print the record of how this system was booted.",
             [Opt("--record", "FILE", f"the boot record (default: {DEFAULT_RECORD})", default=DEFAULT_RECORD),
-             Opt("--json", None, "print the record as JSON", default=False)],
+             Opt("--json", None, "print the record as JSON", default=False),
+             Opt("--live-record", "FILE", "the live record (default: /run/mobynit/live.json)",
+                 default="/run/mobynit/live.json", hidden=True)],
             "mobynit.tools.status:cmd_status",
         ),
     ]
 
 
+def _live_commands() -> list[Command]:
+    """merge, unmerge, refresh, list: live layering (mobynit.tools.live, docs/live.md)."""
+    common = [
+        Opt("--root", "DIR", "operate on the tree at DIR instead of / (its run/mobynit holds the record)"),
+        Opt("--hierarchy", "LIST", "comma-separated hierarchies to overlay (default: /usr,/opt)"),
+        Opt("--json", None, "print the record as JSON", default=False),
+        Opt("--quiet", None, "no notes on stderr", default=False),
+        Opt("--data-store", "DIR", "the container extensions' store (default: /mnt/data/docker with --root /)"),
+        Opt("--boot-record", "FILE", "the boot record: extensions in it are already in the root", hidden=True),
+        Opt("--cmdline", "TEXT", "kernel command line (default: /proc/cmdline)", hidden=True),
+        Opt("--kernel-release", "REL", "running kernel release (default: uname -r)", hidden=True),
+        Opt("--no-beneath", None, "replace overlays by detach-then-attach, as on kernels before 6.5", default=False,
+            hidden=True),
+    ]
+    return [
+        Command("merge", "Merge sysext images and live-capable container extensions into the running /usr and /opt.",
+                common, "mobynit.tools.live:cmd_merge"),
+        Command("unmerge", "Remove the live overlays: the booted view again.", common, "mobynit.tools.live:cmd_unmerge"),
+        Command("refresh", "Replace the merged set with what is found now, with no moment without the base files.",
+                common, "mobynit.tools.live:cmd_refresh"),
+        Command("list", "Show every extension found and what a merge would do with it; changes nothing.", common,
+                "mobynit.tools.live:cmd_list"),
+    ]
+
+
 def _paths(args: Args) -> StorePaths:
+    """The stores the options name; a sysroot that is not there, or a data
+    store without a data partition, is a mistake in the command line."""
     from mobynit.core.paths import store_paths
 
+    if not os.path.isdir(args.sysroot):
+        raise UsageError(f"--sysroot {args.sysroot}: no such directory")
+    if getattr(args, "data", None) is None and (getattr(args, "data_store", None) or getattr(args, "purge_marker", None)):
+        given = "--data-store" if getattr(args, "data_store", None) else "--purge-marker"
+        raise UsageError(f"{given} needs --data (the data partition it belongs to)")
     return store_paths(
         args.sysroot,
         getattr(args, "data", None),
@@ -187,6 +222,7 @@ def cmd_mount(args: Args) -> int:
 
 
 def cmd_assemble(args: Args) -> int:
+    from mobynit.core import attempts
     from mobynit.core.assemble import assemble
 
     def log(line: str) -> None:
@@ -204,7 +240,7 @@ def cmd_assemble(args: Args) -> int:
         workdir=args.workdir,
         log=log,
         layout=_layout_choice(args),
-        attempts_file=args.attempts,
+        attempts_file=attempts.named(args.attempts, args.data) if args.attempts else None,
     )
     if args.record:
         try:
@@ -217,12 +253,13 @@ def cmd_assemble(args: Args) -> int:
 def cmd_confirm(args: Args) -> int:
     from mobynit.core import attempts
 
-    path = args.attempts or attempts.state_path(args.data)
-    previous = attempts.read(path)
+    where = attempts.named(args.attempts, args.data) if args.attempts else attempts.state_path(args.data)
+    previous = attempts.read(where)
     now, message = attempts.confirmed(previous, args.retry_extensions)
     if now != previous:
         try:
-            attempts.write(path, now)
+            for planted in attempts.write(where, now):
+                print(f"{PROG}: warning: {planted} was not a directory (a symlink or a file): replaced", file=sys.stderr)
         except StoreError as e:
             raise MobynitError(f"cannot record the confirmation: {e}") from None
     print(f"{PROG}: {message}")
@@ -262,7 +299,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         command = next((c for c in table if c.name == words[0]), None)
         if command is None:
-            raise UsageError(f"{PROG}: unknown command {words[0]!r}; commands: {', '.join(c.name for c in table)}")
+            near = closest(words[0], [c.name for c in table])
+            hint = f" (did you mean {near}?)" if near else ""
+            raise UsageError(f"unknown command {words[0]!r}{hint}; commands: {', '.join(c.name for c in table)}")
         args = parse(command, words[1:], PROG)
         if args is None:
             sys.stdout.write(command.usage(PROG))

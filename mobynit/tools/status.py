@@ -12,7 +12,7 @@ import json
 import sys
 
 from mobynit.core import render
-from mobynit.core.errors import shown
+from mobynit.core.errors import MobynitError, shown
 from mobynit.core.options import Args
 from mobynit.core.paths import ACTIVE_SYSROOT
 from mobynit.core.record import BootRecord
@@ -23,9 +23,11 @@ def describe(rec: BootRecord) -> str:
     out = []
     if boot is not None and boot.root is not None:
         out.append(f"root partition: {boot.root.spec} ({boot.root.device}), at {ACTIVE_SYSROOT}")
+        out += [f"  ignored {shown(p)}: named like it, not on its disk" for p in boot.root.ignored]
     if boot is not None and boot.data is not None:
         where = boot.data.device or f"not mounted: {boot.data.reason}"
         out.append(f"data partition: {boot.data.spec} ({where})")
+        out += [f"  ignored {shown(p)}: carries its name, not on the root partition's disk" for p in boot.data.ignored]
     out += render.selection(rec)
     if rec.attempts is not None:
         counted = rec.attempts
@@ -41,14 +43,35 @@ def describe(rec: BootRecord) -> str:
     return "\n".join(out) + "\n"
 
 
+def live_lines(live_record: str) -> tuple[list[str], dict[str, object] | None]:
+    """The live extensions beside the boot-time ones (mobynit.tools.live): words, and the record as JSON."""
+    import os
+
+    from mobynit.core.sysext import HIERARCHIES
+    from mobynit.tools import live
+    from mobynit.tools.live_state import Settings
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(live_record)))) or "/"
+    s = Settings(root=root, hierarchies=HIERARCHIES, explicit=False, cmdline="", kernel_release="",
+                 beneath=False, data_store=None, boot_record=None)
+    try:
+        rec, _now, note = live.status(s)
+    except MobynitError as e:
+        return [f"live: {e}"], None
+    return render.live(rec, note), (rec.as_json() if rec is not None else None)
+
+
 def cmd_status(args: Args) -> int:
-    """`mobynit status [--record FILE] [--json]`."""
+    """`mobynit status [--record FILE] [--json]`: boot-time extensions, then live ones."""
     rec = BootRecord.read(args.record)
+    lines, live_doc = live_lines(args.live_record)
     if args.json:
-        json.dump(rec.as_json(), sys.stdout, indent=2, sort_keys=True)
+        doc = rec.as_json()
+        doc["live"] = live_doc
+        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(describe(rec))
+        sys.stdout.write(describe(rec) + "".join(f"{line}\n" for line in lines))
     return 0
 
 

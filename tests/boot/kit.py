@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tests.harness.device import Device, build_device
-from qemu import debian, devices, disk, kernel, runner
+from qemu import debian, debian_live, devices, disk, kernel, runner
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache"
@@ -94,6 +94,8 @@ SCENARIOS: dict[str, Scenario] = {
     "root-errors": Scenario("root-errors"),  # no panic=: /init's own setting must reboot it
     "bad-numbers": Scenario("full", "mobynit.wait=soon mobynit.max_tries=many"),
     "debian": Scenario("debian", timeout=300.0),
+    # The same device flat (indexed), with sysext images on its data partition: live layering.
+    "debian-live": Scenario("debian-live", timeout=300.0),
 }
 
 
@@ -118,9 +120,10 @@ def _layer_dir(store: Path, container_id: str) -> Path:
 class Disks:
     """Disk images by name, each built (with real engines) on first use."""
 
-    def __init__(self, work: Path, kernel_release: str) -> None:
+    def __init__(self, work: Path, kernel_release: str, modules: Path | None = None) -> None:
         self.work = work
         self.kernel_release = kernel_release
+        self.modules = modules  # the kernel's lib/modules/<release>
         self.devices: dict[str, Device] = {}
         self.disks: dict[str, disk.Disk] = {}
         self.seconds: dict[str, float] = {}
@@ -134,7 +137,7 @@ class Disks:
             elif name == "full":
                 dev = build_device(where, devices.probe_hostapp(), devices.test_extensions(self.kernel_release))
             elif name == "debian":
-                dev = debian.build(where, CACHE)
+                dev = debian.build(where, CACHE, self.modules)
             elif name == "bad-init":  # tests/boot/test_boot_fallback.py
                 dev = build_device(where, devices.probe_hostapp(), devices.bad_init_extensions())
             elif name == "rogue":  # an attacker's stick: its own hostapp, an override for the device's
@@ -176,6 +179,12 @@ class Disks:
             else:
                 root = replace(root, errors="panic", broken_dirs=("/balena/containers",))
             return disk.make_disk(path, [root, data])
+        if name == "debian-live":
+            dev = self.device("debian")
+            data = _copy_tree(dev.data, self.work / "data-debian-live")
+            debian_live.live_inputs(data)
+            sysroot = _copy_tree(dev.sysroot, self.work / "sysroot-debian-live")
+            return disk.device_disk(path, sysroot, data, index=True)
         if name == "full-nodata":
             return disk.device_disk(path, full.sysroot, None)
         if name == "full-dataonly":
@@ -303,4 +312,4 @@ def _make_kit(work: Path, log: Callable[[str], None]) -> Kit:
     summary = initramfs.build(k.modules, initrd)
     log(f"[boot] kernel {k.release}, initramfs {summary['gzip_bytes'] / 1e6:.1f} MB gzipped "
         f"({time.monotonic() - start:.1f} s)")
-    return Kit(kernel=k, initrd=initrd, initrd_summary=summary, disks=Disks(work, k.release))
+    return Kit(kernel=k, initrd=initrd, initrd_summary=summary, disks=Disks(work, k.release, k.modules))

@@ -103,7 +103,8 @@ def test_boot_record_and_console_lines(booted):
     assert record["extensions"] == []
     boot = record["boot"]
     assert boot["init"] == "/sbin/init"
-    assert boot["root"] == {"spec": "LABEL=resin-rootA", "device": "/dev/vda1", "fstype": "ext4", "reason": None}
+    assert boot["root"] == {"spec": "LABEL=resin-rootA", "device": "/dev/vda1", "fstype": "ext4", "reason": None,
+                            "ignored": []}
     assert boot["init_start"] <= boot["python_start"] <= boot["handover"]
     assert set(boot["phases"]) >= {"wait_root", "mount_root", "wait_data", "mount_data", "assemble", "move_mounts"}
     said = res.console.mobynit()
@@ -230,7 +231,7 @@ def test_switch_disables_extensions(booted, scenario: str):
     assert record["disabled_by"] == scenario
     # The data partition was not even mounted.
     assert record["boot"]["data"] == {"spec": "LABEL=resin-data", "device": None, "fstype": None,
-                                      "reason": f"extensions disabled by {scenario}"}
+                                      "reason": f"extensions disabled by {scenario}", "ignored": []}
     assert "wait_data" not in record["boot"]["phases"]
 
 
@@ -323,6 +324,7 @@ def test_a_rogue_data_partition_on_another_disk_is_named_and_never_used(booted, 
     assert named == [f"ignoring /dev/{rogue}1 on disk {rogue}: it carries LABEL=resin-data, but only the root "
                      f"partition's disk {own} is trusted for it"], lines(res)
     assert boot_record(res)["boot"]["data"]["device"] == f"/dev/{own}2"
+    assert boot_record(res)["boot"]["data"]["ignored"] == [f"/dev/{rogue}1"]
 
 
 @pytest.mark.parametrize("scenario,own,rogue", [("rogue-root-first", "vdb", "vda"), ("rogue-root-second", "vda", "vdb")])
@@ -338,6 +340,8 @@ def test_a_rogue_root_partition_on_another_disk_is_named_and_never_used(booted, 
         f"ignoring /dev/{rogue}2 on disk {rogue}: it carries LABEL=resin-data, but only the root partition's disk "
         f"{own} is trusted for it",
     ], lines(res)
+    boot = boot_record(res)["boot"]
+    assert (boot["root"]["ignored"], boot["data"]["ignored"]) == ([f"/dev/{rogue}1"], [f"/dev/{rogue}2"])
 
 
 @uses("ambiguous-root")
@@ -374,7 +378,8 @@ def test_an_explicit_data_partition_is_honoured_on_another_disk(booted, scenario
     assert f"data {shown}, on disk vdb as named (the root partition is on vda)" in said, lines(res)
     assert not any(line.startswith("ignoring ") for line in said), lines(res)
     assert files(res)[HOSTAPP_FILE] == "patched by urgent"
-    assert boot_record(res)["boot"]["data"] == {"spec": spec, "device": "/dev/vdb1", "fstype": None, "reason": None}
+    assert boot_record(res)["boot"]["data"] == {"spec": spec, "device": "/dev/vdb1", "fstype": None, "reason": None,
+                                                 "ignored": []}
 
 
 @uses("damaged-data")

@@ -281,9 +281,10 @@ def _record(**changes: object) -> dict:
         "kernel_release": "6.1.0", "page_size": 4096, "target": "/newroot", "layout": "flat", "layout_reason": None,
         "mechanism": "mount", "stacking_depth": 1, "mounts": [], "fallbacks": [], "timings_ms": {"read": 0.5},
         "attempts": None,
-        "boot": {"root": {"spec": "LABEL=resin-rootA", "device": "/dev/vda1", "fstype": "ext4", "reason": None},
+        "boot": {"root": {"spec": "LABEL=resin-rootA", "device": "/dev/vda1", "fstype": "ext4", "reason": None,
+                          "ignored": ["/dev/sda1"]},
                  "data": {"spec": "LABEL=resin-data", "device": None, "fstype": None,
-                          "reason": "extensions disabled by balena.nohostext"},
+                          "reason": "extensions disabled by balena.nohostext", "ignored": []},
                  "init": "/sbin/init", "init_start": 1.5, "modules_loaded": 1.75, "python_start": 2.0,
                  "python_ready": 2.1, "cmdline": "root=LABEL=resin-rootA balena.nohostext", "handover": 2.25,
                  "phases": {"wait_root": 0.01, "assemble": 0.04}},
@@ -300,6 +301,7 @@ def test_status_of_a_boot_with_extensions_switched_off(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         "root partition: LABEL=resin-rootA (/dev/vda1), at /mnt/sysroot/active",
+        "  ignored /dev/sda1: named like it, not on its disk",
         "data partition: LABEL=resin-data (not mounted: extensions disabled by balena.nohostext)",
         "hostapp hostapp (abababababab): 1 layers",
         "extensions disabled by balena.nohostext on the kernel command line",

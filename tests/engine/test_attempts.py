@@ -73,13 +73,13 @@ def test_never_more_than_max_tries_unconfirmed_boots_with_one_set(events: list[s
 def test_garbled_state_is_no_history(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "boot-attempts.json"
     path.write_bytes(content)
-    assert attempts.read(str(path)) == NONE
+    assert attempts.read(attempts.named(str(path))) == NONE
 
 
 def test_state_round_trips_and_is_written_atomically(tmp_path: Path) -> None:
-    path = str(tmp_path / "mobynit" / "boot-attempts.json")
-    attempts.write(path, Attempts((B, A), 2, False))
-    assert attempts.read(path) == Attempts((A, B), 2, False)
+    where = attempts.state_path(str(tmp_path))
+    assert attempts.write(where, Attempts((B, A), 2, False)) == []
+    assert attempts.read(where) == Attempts((A, B), 2, False)
     assert sorted(os.listdir(tmp_path / "mobynit")) == ["boot-attempts.json"]
 
 

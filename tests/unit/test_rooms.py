@@ -26,7 +26,7 @@ ALLOWED = {
     "os": "everything", "stat": "file types", "sys": "streams", "time": "timings", "errno": "error numbers",
     "gc": "a short-lived run turns the cyclic collector off (mobynit.core.process)",
     "_json": "the C JSON scanner and encoder (mobynit.core.jsonio), without json's re",
-    "select": "waiting for uevents", "socket": "the uevent netlink socket", "struct": "superblocks and partition tables",
+    "fcntl": "the work directory's lock", "select": "waiting for uevents", "socket": "the uevent netlink socket", "struct": "superblocks and partition tables",
 }
 # Allowed only inside a function: costly to import, needed by few runs.
 LATE = {

@@ -145,3 +145,24 @@ def test_write_atomic_at_replaces_a_planted_temporary(tmp_path: Path, victim: Pa
     (tmp_path / "link").symlink_to(d)
     with pytest.raises(StoreError, match="not a directory .* not followed"):
         fileio.open_dir(str(tmp_path / "link"))
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo"])
+def test_the_log_is_never_written_through_a_symlink_or_into_a_fifo(tmp_path: Path, planted: str) -> None:
+    from mobynit.runtime.log import Log
+
+    log_path = tmp_path / "log.json"
+    outside = tmp_path / "outside"
+    outside.write_text("")
+    if planted == "symlink":
+        log_path.symlink_to(outside)
+    else:
+        os.mkfifo(log_path)
+        reader = os.open(log_path, os.O_RDONLY | os.O_NONBLOCK)  # a reader: a plain open would succeed
+    try:
+        Log(str(log_path), "json")("error", "it failed")
+    finally:
+        if planted == "fifo":
+            assert os.read(reader, 100) == b""
+            os.close(reader)
+    assert outside.read_text() == ""
