@@ -1,13 +1,19 @@
 """Benchmark of the boot path: `mobynit assemble`, whole process, on stores the real engine wrote.
 
-Prints a table of medians. Each run is a fresh `python3.11 -S` process (as in
-the initramfs: Debian's interpreter, no site, bytecode precompiled) in this
-script's private mount namespace, with the work directory on a tmpfs as
-/run is at boot; the root it mounts is detached after each run.
+Prints a table of medians. Each run is a fresh interpreter launched the way
+the initramfs's /init launches mobynit (its interpreter flags, environment
+and `-c`, read from initramfs/init so the two cannot drift apart), running
+`assemble` in this script's private mount namespace, with the work directory
+on a tmpfs as /run is at boot; the root it mounts is detached after each run.
 
-    sh scripts/bench.sh            # or: .venv/bin/python -m tests.bench [--runs N]
+    sh scripts/bench.sh                    # or: .venv/bin/python -m tests.bench [--runs N]
+    sh scripts/bench.sh --against main     # this tree (B) against a worktree of main (A)
 
-Stores are built once and cached under .cache/bench/ (delete it to rebuild).
+With --against REV, REV is checked out once as a git worktree under
+.cache/bench/, and every row runs A and B alternately (ABAB..., the order
+flipped every other pair, so drift on a shared machine hits both alike);
+it prints both medians and B/A. Stores are built once and cached under
+.cache/bench/ (delete it to rebuild).
 """
 
 from __future__ import annotations
@@ -15,12 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import attrs
 
 from mobynit.core import syscalls
 from tests.harness import bulk
@@ -35,14 +45,89 @@ STORE_VERSION = "1"  # bump when the stores' recipe changes
 EXTENSIONS = (0, 1, 20, 100, 498, 500)
 APPS = (0, 200, 1000)
 MATRIX = [(n, 0) for n in EXTENSIONS] + [(0, 200), (0, 1000), (20, 200), (20, 1000), (498, 1000)]
+QUICK = [(0, 0), (20, 200), (498, 0), (500, 0)]
 RELEASE_NEW = "6.18.0-bench"  # fsconfig lowerdir+
 RELEASE_OLD = "6.1.0-bench"  # mount(2)
+# What runs inside the launch line: the CLI's `assemble` (boot's own entry needs
+# block devices and PID 1), after whatever /init's code does before importing
+# boot's entry (turning the collector off, say). A tree whose CLI has `run()`
+# (main, then the streams flushed and no teardown, as boot's main ends) is
+# launched through it; an older one through main.
+BOOT_ENTRY = "from mobynit.initrd.boot import main"
+CLI_RUN = "from mobynit.tools.cli import run; run()"
+CLI_MAIN = "from mobynit.tools.cli import main; raise SystemExit(main())"
 
 
-def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    e["PYTHONPATH"] = str(REPO)
-    return e
+@attrs.frozen
+class Launch:
+    """/init's python line in one tree: interpreter flags, environment, and the code before boot's entry."""
+
+    flags: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    prelude: str  # e.g. "import gc; gc.disable(); "
+
+
+def launch_line(init: Path) -> Launch:
+    """The python3 line of initramfs/init, with its continuation lines: VAR=value ... python3 FLAGS -c CODE."""
+    text = init.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        for i, word in enumerate(words):
+            if re.fullmatch(r"(/usr/bin/)?python3(\.\d+)?", word) and "-c" in words[i:]:
+                env = tuple(tuple(w.split("=", 1)) for w in words[:i] if "=" in w and not w.startswith("MOBYNIT_"))
+                c = words.index("-c", i)
+                code = words[c + 1]
+                if BOOT_ENTRY not in code:
+                    raise SystemExit(f"bench: {init}: the -c code {code!r} does not import {BOOT_ENTRY}")
+                return Launch(flags=tuple(words[i + 1 : c]), env=env, prelude=code[: code.index(BOOT_ENTRY)])  # type: ignore[arg-type]
+    raise SystemExit(f"bench: no python3 ... -c line in {init}")
+
+
+@attrs.frozen
+class Tree:
+    """One version of mobynit to run: its source directory, a label, and its own launch line."""
+
+    label: str
+    path: Path
+    launch: Launch = attrs.field(default=attrs.Factory(lambda self: launch_line(self.path / "initramfs" / "init"),
+                                                       takes_self=True))
+
+    @property
+    def entry(self) -> str:
+        """The code of `mobynit assemble ...` on this tree's launch line."""
+        cli = (self.path / "mobynit" / "tools" / "cli.py").read_text()
+        return self.launch.prelude + (CLI_RUN if "\ndef run() ->" in cli else CLI_MAIN)
+
+    def env(self) -> dict[str, str]:
+        e = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+        e.update(dict(self.launch.env))
+        e["PYTHONPATH"] = str(self.path)
+        return e
+
+    def run(self, *args: str, code: str | None = None) -> float:
+        """Seconds, wall clock, of one process."""
+        argv = [PYTHON, *self.launch.flags, "-c", self.entry if code is None else code, *args]
+        t = time.perf_counter()
+        subprocess.run(argv, check=True, env=self.env(), stdout=subprocess.DEVNULL)
+        return time.perf_counter() - t
+
+    def compile(self) -> None:
+        """Bytecode ahead of time, as the initramfs ships it (its line runs with -B)."""
+        subprocess.run([PYTHON, "-m", "compileall", "-q", str(self.path / "mobynit")], check=True,
+                       env=self.env(), stdout=subprocess.DEVNULL)
+
+
+def worktree(rev: str) -> Tree:
+    """A git worktree of `rev` under .cache/bench/, made once per commit."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    path = CACHE / f"rev-{sha[:12]}"
+    if not (path / "mobynit").is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], check=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-f", str(path), sha], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return Tree(label=f"{rev}@{sha[:9]}", path=path)
 
 
 def base_store() -> Path:
@@ -58,70 +143,84 @@ def base_store() -> Path:
     return root
 
 
-def variant(base: Path, extensions: int, apps: int) -> Path:
-    """A device whose data store keeps only the first `extensions` and `apps` containers."""
+def variant(base: Path, extensions: int, apps: int, trees: list[Tree]) -> Path:
+    """A device whose data store keeps only the first `extensions` and `apps` containers,
+    indexed by every tree compared (each records what it reads; up-to-date records are kept)."""
     out = CACHE / f"v{STORE_VERSION}-{extensions}-{apps}"
-    if (out / "done").exists():
-        # Layer facts from an older mobynit are re-recorded; up-to-date ones are kept.
-        run_mobynit(["index", "--sysroot", str(out / "sysroot"), "--data", str(out / "data")])
-        return out
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    ids = json.loads((base / "ids.json").read_text())
-    subprocess.run(["cp", "-al", str(base / "sysroot"), str(out / "sysroot")], check=True)
-    subprocess.run(["cp", "-al", str(base / "data"), str(out / "data")], check=True)
-    keep = {ids["extensions"][f"ext-{i:04d}"] for i in range(extensions)} | set(ids["apps"][:apps])
-    containers = out / "data" / "docker" / "containers"
-    for entry in containers.iterdir():
-        if entry.name not in keep:
-            shutil.rmtree(entry)
-    run_mobynit(["index", "--sysroot", str(out / "sysroot"), "--data", str(out / "data")])
+    if not (out / "done").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        ids = json.loads((base / "ids.json").read_text())
+        subprocess.run(["cp", "-al", str(base / "sysroot"), str(out / "sysroot")], check=True)
+        subprocess.run(["cp", "-al", str(base / "data"), str(out / "data")], check=True)
+        keep = {ids["extensions"][f"ext-{i:04d}"] for i in range(extensions)} | set(ids["apps"][:apps])
+        containers = out / "data" / "docker" / "containers"
+        for entry in containers.iterdir():
+            if entry.name not in keep:
+                shutil.rmtree(entry)
+    for tree in trees:
+        tree.run("index", "--sysroot", str(out / "sysroot"), "--data", str(out / "data"))
     (out / "done").write_text("")
     return out
-
-
-def run_mobynit(args: list[str]) -> float:
-    t = time.perf_counter()
-    subprocess.run([PYTHON, "-S", "-m", "mobynit", *args], check=True, env=env(), stdout=subprocess.DEVNULL)
-    return time.perf_counter() - t
 
 
 def median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
 
 
-def assemble_runs(dev: Path, release: str, runs: int, work: Path, target: Path, layout: str = "auto") -> tuple[float, dict]:
+@attrs.frozen
+class Row:
+    """One row's measurements for one tree: wall-clock samples and the boot record's phases (medians)."""
+
+    walls: tuple[float, ...]
+    phases: dict[str, float]
+    layout: str
+    included: int
+
+
+def assemble_rows(trees: list[Tree], dev: Path, release: str, runs: int, work: Path,
+                  target: Path) -> list[Row]:
+    """`runs` assembles per tree, alternating between the trees, the order flipped every other round."""
     record = work.parent / "record.json"
-    walls, records = [], []
     args = ["assemble", "--sysroot", str(dev / "sysroot"), "--data", str(dev / "data"), "--target", str(target),
             "--workdir", str(work), "--record", str(record), "--cmdline", "", "--kernel-release", release,
-            "--quiet", "--layout", layout]
-    for _ in range(runs):
-        walls.append(run_mobynit(args))
-        records.append(json.loads(record.read_text()))
-        syscalls.umount(str(target), syscalls.MNT_DETACH)
-    phases = {k: statistics.median(r["timings_ms"][k] for r in records) for k in records[0]["timings_ms"]}
-    last = records[-1]
-    phases["layout"] = f"{last['layout']}/{last['mechanism']}"
-    phases["included"] = sum(e["included"] for e in last["extensions"])
-    return median_ms(walls), phases
+            "--quiet"]
+    walls: list[list[float]] = [[] for _ in trees]
+    records: list[list[dict]] = [[] for _ in trees]
+    for i in range(runs):
+        order = list(range(len(trees))) if i % 2 == 0 else list(reversed(range(len(trees))))
+        for t in order:
+            walls[t].append(trees[t].run(*args))
+            records[t].append(json.loads(record.read_text()))
+            syscalls.umount(str(target), syscalls.MNT_DETACH)
+    rows = []
+    for t in range(len(trees)):
+        recs = records[t]
+        phases = {k: statistics.median(r["timings_ms"][k] for r in recs) for k in recs[0]["timings_ms"]}
+        last = recs[-1]
+        rows.append(Row(walls=tuple(walls[t]), phases=phases, layout=f"{last['layout']}/{last['mechanism']}",
+                        included=sum(e["included"] for e in last["extensions"])))
+    return rows
 
 
-def startup(runs: int) -> tuple[float, float]:
-    """(interpreter alone, interpreter + the boot path's imports), medians in ms."""
-    bare, imports = [], []
-    code = "import mobynit.tools.cli, mobynit.core.assemble, mobynit.core.store, mobynit.core.policy, mobynit.core.plan, mobynit.core.facts, mobynit.core.syscalls"
-    for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run([PYTHON, "-S", "-c", "pass"], check=True, env=env())
-        bare.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        subprocess.run([PYTHON, "-S", "-c", code], check=True, env=env())
-        imports.append(time.perf_counter() - t)
-    return median_ms(bare), median_ms(imports)
+def startup(trees: list[Tree], runs: int) -> tuple[float, list[float]]:
+    """(interpreter alone, [interpreter + the boot entry's imports per tree]), medians in ms, alternating."""
+    bare: list[float] = []
+    imports: list[list[float]] = [[] for _ in trees]
+    for i in range(runs):
+        bare.append(trees[0].run(code="pass"))
+        order = range(len(trees)) if i % 2 == 0 else reversed(range(len(trees)))
+        for t in order:
+            imports[t].append(trees[t].run(code=trees[t].launch.prelude + BOOT_ENTRY))
+    return median_ms(bare), [median_ms(s) for s in imports]
 
 
 LIVE_COUNTS = (1, 20, 100)
+
+
+def env() -> dict[str, str]:
+    """This tree's environment, for the live rows."""
+    return Tree(label="this tree", path=REPO).env()
 
 
 def live_table(runs: int, scratch: Path) -> None:
@@ -175,16 +274,28 @@ def live_table(runs: int, scratch: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=21, help="runs per row (median reported)")
-    ap.add_argument("--quick", action="store_true", help="only 20 extensions with 200 apps, and 500 extensions")
+    ap.add_argument("--runs", type=int, default=21, help="runs per row and tree (median reported)")
+    ap.add_argument("--quick", action="store_true", help="only the hostapp alone, 20 extensions with 200 apps, 498 and 500")
+    ap.add_argument("--rows", help="only these rows, as EXT:APPS,EXT:APPS (from the full matrix)")
+    ap.add_argument("--against", metavar="REV", help="also run a worktree of REV (A) and print B/A per row")
+    ap.add_argument("--kernel", choices=("both", "new", "old"), default="both",
+                    help="which mount mechanism's release to plan for (default both)")
     ap.add_argument("--live-only", action="store_true", help="only the live layering rows (merge, refresh)")
     opts = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (mounts)", file=sys.stderr)
         return 2
-    subprocess.run([PYTHON, "-m", "compileall", "-q", str(REPO / "mobynit")], check=True, env=env(), stdout=subprocess.DEVNULL)
-    matrix = [] if opts.live_only else [(20, 200), (498, 0), (500, 0)] if opts.quick else MATRIX
-    devices = {(n, a): variant(base_store(), n, a) for n, a in matrix}
+    this = Tree(label="this tree", path=REPO)
+    trees = [worktree(opts.against), this] if opts.against else [this]
+    for tree in trees:
+        tree.compile()
+    matrix = [] if opts.live_only else QUICK if opts.quick else MATRIX
+    if opts.rows:
+        matrix = [tuple(int(x) for x in r.split(":")) for r in opts.rows.split(",")]  # type: ignore[misc]
+    devices = {(n, a): variant(base_store(), n, a, trees) for n, a in matrix}
+    releases = [(RELEASE_NEW, ">=6.8"), (RELEASE_OLD, "6.1")]
+    if opts.kernel != "both":
+        releases = releases[:1] if opts.kernel == "new" else releases[1:]
 
     syscalls.unshare(syscalls.CLONE_NEWNS)
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
@@ -194,19 +305,42 @@ def main() -> int:
     work, target = scratch / "work", scratch / "root"
     target.mkdir()
 
-    bare, imported = startup(opts.runs)
-    print(f"interpreter start (python3.11 -S -c pass): {bare:.1f} ms; with the boot path's imports: {imported:.1f} ms "
-          f"(imports {imported - bare:.1f} ms); median of {opts.runs}")
+    print(f"launch lines (initramfs/init's flags and environment, -c code), medians of {opts.runs}:")
+    for tree in trees:
+        line = " ".join([*(f"{k}={v}" for k, v in tree.launch.env), PYTHON, *tree.launch.flags, "-c", repr(tree.entry)])
+        print(f"  {tree.label}: {line} assemble ...")
+    bare, imported = startup(trees, opts.runs)
+    for tree, ms in zip(trees, imported):
+        print(f"  {tree.label}: interpreter start (-c pass) {bare:.1f} ms; with its line's code up to boot's entry "
+              f"({tree.launch.prelude + BOOT_ENTRY}) {ms:.1f} ms (+{ms - bare:.1f} ms)")
     print()
-    head = f"{'extensions':>10} {'apps':>5} {'kernel':>7} {'layout':>15} {'incl':>5} | {'wall ms':>8} | {'read':>6} {'select':>6} {'plan':>6} {'mount':>6}"
-    print(head)
+    head = f"{'extensions':>10} {'apps':>5} {'kernel':>7} {'layout':>15} {'incl':>5} |"
+    if opts.against:
+        head += f" {'A ms':>7} {'B ms':>7} {'B/A':>5} |"
+    else:
+        head += f" {'wall ms':>8} |"
+    head += f" {'read':>6} {'select':>6} {'plan':>6} {'mount':>6}"
+    print(head + ("   (phases of B; A's read in brackets)" if opts.against else ""))
     print("-" * len(head))
     for (n, a), dev in devices.items():
-        for release, label in ((RELEASE_NEW, ">=6.8"), (RELEASE_OLD, "6.1")):
-            wall, ph = assemble_runs(dev, release, opts.runs, work, target)
-            print(f"{n:>10} {a:>5} {label:>7} {ph['layout']:>15} {ph['included']:>5} | {wall:>8.1f} | "
-                  f"{ph['read']:>6.1f} {ph['select']:>6.1f} {ph['plan']:>6.1f} {ph['mount']:>6.1f}")
-    live_table(opts.runs, scratch)
+        for release, label in releases:
+            rows = assemble_rows(trees, dev, release, opts.runs, work, target)
+            b = rows[-1]
+            ph = b.phases
+            cells = f"{n:>10} {a:>5} {label:>7} {b.layout:>15} {b.included:>5} |"
+            if opts.against:
+                wa, wb = median_ms(list(rows[0].walls)), median_ms(list(b.walls))
+                cells += f" {wa:>7.1f} {wb:>7.1f} {wb / wa:>5.2f} |"
+            else:
+                cells += f" {median_ms(list(b.walls)):>8.1f} |"
+            cells += f" {ph['read']:>6.1f} {ph['select']:>6.1f} {ph['plan']:>6.1f} {ph['mount']:>6.1f}"
+            if opts.against:
+                cells += f"   [{rows[0].phases['read']:.1f}]"
+                if (rows[0].layout, rows[0].included) != (b.layout, b.included):
+                    cells += f" A: {rows[0].layout}, {rows[0].included} included"
+            print(cells, flush=True)
+    if not opts.against and not opts.rows:  # this tree's own rows, off the boot path
+        live_table(opts.runs, scratch)
     syscalls.umount(str(scratch), syscalls.MNT_DETACH)
     return 0
 

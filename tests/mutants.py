@@ -73,11 +73,21 @@ MUTANTS = [
     Mutant("facts-order-reversed", "mobynit/core/facts.py", "for s in reversed(stacks):", "for s in stacks:"),
     # the store's chain: real directories on the partition only
     Mutant("store-root-chain-unchecked", "mobynit/core/store.py", "                require_dir(path, device)",
-           "                pass"),
+           "                pass", "tests/unit/test_store_chain.py tests/unit/test_speed_paths.py"),
     Mutant("store-device-unchecked", "mobynit/core/fileio.py", "if device is not None and st.st_dev != device:",
            "if False:"),
-    Mutant("store-shared-level-skipped", "mobynit/core/store.py", "        for part in rel.split(\"/\"):",
-           "        for part in rel.split(\"/\")[-1:]:"),
+    Mutant("store-shared-level-skipped", "mobynit/core/store.py", '            parent_rel, _, name = rel.rpartition("/")',
+           '            parent_rel, name = "", rel'),
+    Mutant("store-shared-level-unchecked", "mobynit/core/store.py", "            check_dir(os.fstat(fd), shown, device)",
+           "            pass"),
+    Mutant("store-layer-dir-unchecked", "mobynit/core/store.py",
+           "            _dir_at(overlay2, lid, device, self.overlay2)", "            pass",
+           "tests/unit/test_speed_paths.py"),
+    Mutant("store-file-device-unchecked", "mobynit/core/fileio.py",
+           "        if device is not None and device != st.st_dev:",
+           "        if False:", "tests/unit/test_speed_paths.py"),
+    Mutant("facts-path-dotdot-allowed", "mobynit/core/facts.py", 'and "/../" not in wrapped', "",
+           "tests/unit/test_speed_paths.py"),
     # the state on the data partition, and the work directory
     Mutant("attempts-dir-followed", "mobynit/core/fileio.py",
            "                inner = os.open(part, _O_DIR, dir_fd=fd)\n            except FileNotFoundError:",
@@ -122,7 +132,7 @@ def run(m: Mutant) -> tuple[bool, float]:
 
 def main(argv: list[str]) -> int:
     chosen = [m for m in MUTANTS if not argv or any(m.name.startswith(a) for a in argv)]
-    focus = sorted({*FOCUS.values()} | {m.tests for m in chosen} - {UNIT})
+    focus = sorted({*FOCUS.values()} | {t for m in chosen if m.tests != UNIT for t in m.tests.split()})
     baseline = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *focus], cwd=REPO,
                               capture_output=True, text=True)
     if baseline.returncode != 0:  # a mutant is only killed by tests that pass without it

@@ -27,7 +27,6 @@ from mobynit.core import jsonio
 from mobynit.core.errors import StoreError, shown
 from mobynit.core.model import Record
 from mobynit.core.fileio import read_file, write_atomic
-from mobynit.core.layers import lookup
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -136,9 +135,25 @@ def _valid_path(p: object) -> bool:
     return all(part not in ("", ".", "..") for part in p.split("/"))
 
 
+def all_valid_paths(values: list[object]) -> bool:
+    """_valid_path of every item, in a few passes of C over one joined string:
+    a layer's facts list thousands of paths, read at every boot."""
+    if not values:
+        return True
+    try:
+        joined = "\0".join(values)  # type: ignore[arg-type]
+    except TypeError:  # an item that is not a string
+        return False
+    if joined.count("\0") != len(values) - 1:
+        return False  # a NUL inside an item
+    # Each item between slashes: an empty item or part, a leading or trailing slash, "." or ".." shows as one of these.
+    wrapped = "/" + joined.replace("\0", "/\0/") + "/"
+    return "//" not in wrapped and "/./" not in wrapped and "/../" not in wrapped
+
+
 def _paths(doc: dict[str, object], key: str) -> tuple[str, ...]:
     value = doc.get(key)
-    if not isinstance(value, list) or not all(_valid_path(p) for p in value):
+    if not isinstance(value, list) or not all_valid_paths(value):
         raise ValueError(f"{key} is not a list of relative paths")
     return tuple(value)
 
@@ -151,23 +166,29 @@ def _dirs(doc: dict[str, object]) -> tuple[tuple[str, int], ...] | None:
         raise ValueError("dirs is not a list")
     out = []
     for item in value:
-        if (
-            not isinstance(item, list) or len(item) != 2 or not (item[0] == "." or _valid_path(item[0]))
-            or not isinstance(item[1], int) or isinstance(item[1], bool)
-        ):
+        if not isinstance(item, list) or len(item) != 2 or type(item[1]) is not int:  # bool is not int here
             raise ValueError("dirs holds something other than [path, ctime] pairs")
         out.append((item[0], item[1]))
+    if not all_valid_paths([p for p, _ in out if p != "."]):
+        raise ValueError("dirs holds something other than [path, ctime] pairs")
     return tuple(out)
 
 
-def unchanged(diff: str, dirs: Sequence[tuple[str, int]]) -> bool:
-    """Every recorded directory is still a directory with the recorded ctime (lstat, no symlinks)."""
+def unchanged(diff: str, dirs: Sequence[tuple[str, int]], dir_fd: int | None = None,
+              diff_stat: os.stat_result | None = None) -> bool:
+    """Every recorded directory is still a directory with the recorded ctime (lstat, no symlinks).
+
+    `diff` may be relative to `dir_fd`; `diff_stat` is its lstat when the caller already made it."""
     for rel, ctime in dirs:
         try:
-            st = os.lstat(diff if rel == "." else f"{diff}/{rel}")
+            if rel != ".":
+                st = os.lstat(f"{diff}/{rel}", dir_fd=dir_fd)
+            else:
+                st = diff_stat if diff_stat is not None else os.lstat(diff, dir_fd=dir_fd)
         except OSError:
             return False
-        if not stat.S_ISDIR(st.st_mode) or not _same_time(st.st_ctime_ns, ctime):
+        now = st.st_ctime_ns
+        if not stat.S_ISDIR(st.st_mode) or (now != ctime and not _same_time(now, ctime)):
             return False
     return True
 
@@ -178,20 +199,24 @@ def _same_time(now: int, recorded: int) -> bool:
     return now == recorded or (now % 1_000_000_000 == 0 and now // 1_000_000_000 == recorded // 1_000_000_000)
 
 
-def load(layer_dir: str, layer_id: str) -> LayerFacts | None:
+def load(layer_dir: str, layer_id: str, dir_fd: int | None = None,
+         diff_stat: os.stat_result | None = None) -> LayerFacts | None:
     """The recorded facts of a layer, or None when there are none worth trusting:
-    missing, malformed, for another layer, or stale (see LayerFacts.dirs)."""
+    missing, malformed, for another layer, or stale (see LayerFacts.dirs).
+
+    `layer_dir` may be relative to `dir_fd` (the store's overlay2, see
+    mobynit.core.store); `diff_stat` is the lstat of its diff/ the store already made."""
     try:
-        raw = read_file(facts_path(layer_dir), FACTS_LIMIT)
+        raw = read_file(facts_path(layer_dir), FACTS_LIMIT, dir_fd=dir_fd)
         doc = jsonio.loads(raw)
         if not isinstance(doc, dict) or doc.get("version") != FACTS_VERSION or doc.get("id") != layer_id:
             return None
         paths = doc.get("paths")
         xattrs = doc.get("xattrs")
-        if not isinstance(xattrs, list) or not all(p == "." or _valid_path(p) for p in xattrs):
+        if not isinstance(xattrs, list) or not all_valid_paths([p for p in xattrs if p != "."]):
             return None
         dirs = _dirs(doc)
-        if dirs is not None and not unchanged(f"{layer_dir}/diff", dirs):
+        if dirs is not None and not unchanged(f"{layer_dir}/diff", dirs, dir_fd, diff_stat):
             return None
         return LayerFacts(
             whiteouts=_paths(doc, "whiteouts"),
@@ -234,6 +259,8 @@ def flat_conflict(stacks: Sequence[Stack]) -> str | None:
     names a path that a stack below it has, or where a layer carries other
     overlay xattrs (redirects, metacopy) that a nested mount would have hidden.
     """
+    from mobynit.core.layers import lookup  # only plans with extensions get here
+
     below_paths: set[str] = set()
     below_unlisted: list[Stack] = []  # stacks too big to list: asked by lookup instead
     for s in reversed(stacks):

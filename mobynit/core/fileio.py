@@ -27,8 +27,10 @@ _O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _O_TEMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | None = None) -> bytes:
-    """A regular file's bytes; never follows a final symlink, never blocks on a FIFO."""
+def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | None = None,
+              device: int | None = None) -> bytes:
+    """A regular file's bytes; never follows a final symlink, never blocks on a FIFO;
+    on `device` when one is given (its fstat says so: no extra call)."""
     shown = display or path
     try:
         fd = os.open(path, _O_READ, dir_fd=dir_fd)
@@ -40,6 +42,8 @@ def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | N
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise StoreError(f"{shown}: not a regular file")
+        if device is not None and device != st.st_dev:
+            raise StoreError(f"{shown}: on another file system (a mount point), not followed")
         if st.st_size > limit:
             raise StoreError(f"{shown}: {st.st_size} bytes, more than the {limit} expected")
         data = os.read(fd, st.st_size + 1)
@@ -59,40 +63,50 @@ def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | N
         os.close(fd)
 
 
-def read_text(path: str, limit: int) -> str:
+def read_text(path: str, limit: int, dir_fd: int | None = None, display: str | None = None,
+              device: int | None = None) -> str:
     """A small ASCII file's content, stripped."""
     try:
-        return read_file(path, limit).decode("ascii").strip()
+        return read_file(path, limit, dir_fd, display, device).decode("ascii").strip()
     except UnicodeDecodeError:
-        raise StoreError(f"{path}: not ASCII text") from None
+        raise StoreError(f"{display or path}: not ASCII text") from None
 
 
-def require_dir(path: str, device: int | None = None) -> os.stat_result:
+def require_dir(path: str, device: int | None = None, dir_fd: int | None = None,
+                display: str | None = None) -> os.stat_result:
     """A real directory: not missing, not a symlink, not anything else, and on
-    `device` when one is given (no mount point crossed); its lstat."""
+    `device` when one is given (no mount point crossed); its lstat. `path` may
+    be relative to `dir_fd`, and `display` is then its name in messages."""
+    shown = display or path
     try:
-        st = os.lstat(path)
+        st = os.lstat(path, dir_fd=dir_fd)
     except FileNotFoundError:
-        raise StoreError(f"{path}: missing") from None
+        raise StoreError(f"{shown}: missing") from None
     except OSError as e:
-        raise StoreError(f"{path}: {e.strerror}") from None
+        raise StoreError(f"{shown}: {e.strerror}") from None
+    return check_dir(st, shown, device)
+
+
+def check_dir(st: os.stat_result, shown: str, device: int | None = None) -> os.stat_result:
+    """The verdict of require_dir on an lstat or fstat already made."""
     if stat.S_ISLNK(st.st_mode):
-        raise StoreError(f"{path}: is a symlink, not followed")
+        raise StoreError(f"{shown}: is a symlink, not followed")
     if not stat.S_ISDIR(st.st_mode):
-        raise StoreError(f"{path}: not a directory")
+        raise StoreError(f"{shown}: not a directory")
     if device is not None and st.st_dev != device:
-        raise StoreError(f"{path}: on another file system (a mount point), not followed")
+        raise StoreError(f"{shown}: on another file system (a mount point), not followed")
     return st
 
 
-def readlink(path: str, when_missing: str) -> str:
+def readlink(path: str, when_missing: str, dir_fd: int | None = None, display: str | None = None) -> str:
     """A symlink's target, never followed; StoreError saying what is wrong otherwise."""
+    shown = display or path
     try:
-        return os.readlink(path)
+        return os.readlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
-        raise StoreError(f"{path}: {when_missing}") from None
+        raise StoreError(f"{shown}: {when_missing}") from None
     except OSError as e:
-        raise StoreError(f"{path}: not a symlink ({e.strerror})") from None
+        raise StoreError(f"{shown}: not a symlink ({e.strerror})") from None
 
 
 def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:

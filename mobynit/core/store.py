@@ -18,8 +18,7 @@ from mobynit.core import labels as label
 from mobynit.core.errors import StoreError
 from mobynit.core.errors import shown as printable
 from mobynit.core.facts import load as load_facts
-from mobynit.core.fileio import read_file, read_text, readlink, require_dir
-from mobynit.core.layers import probe_modules, read_extension_release
+from mobynit.core.fileio import check_dir, read_file, read_text, readlink, require_dir
 from mobynit.core.model import Container, Extension, Layer
 
 TYPE_CHECKING = False
@@ -33,6 +32,9 @@ LINK_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 LINK_LEN = 26
 CONFIG_LIMIT = 4 << 20  # a config.v2.json is a few KiB; refuse to slurp a planted giant
 SMALL_LIMIT = 4096  # mount-id, lower
+MOUNTS = "image/overlay2/layerdb/mounts"
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_S_IFMT, _S_IFDIR = 0o170000, 0o040000  # stat.S_IFMT(mode), stat.S_IFDIR, without a call
 
 
 def is_id(name: str) -> bool:
@@ -43,12 +45,17 @@ def _is_link(name: str) -> bool:
     return len(name) == LINK_LEN and LINK_CHARS.issuperset(name)
 
 
-
-
-
-
-
-
+def _dir_at(dir_fd: int, name: str, device: int, parent: str) -> os.stat_result:
+    """require_dir for `name` below the open directory `parent`, its message built only
+    when it fails: this runs a few times per container, on every boot."""
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+        if st.st_mode & _S_IFMT == _S_IFDIR and st.st_dev == device:
+            return st
+    except OSError:
+        pass
+    require_dir(name, device, dir_fd=dir_fd, display=f"{parent}/{name}")  # raises, naming the rule broken
+    raise StoreError(f"{parent}/{name}: changed while being read")
 
 
 def _dir_has_entries(path: str) -> bool:
@@ -97,12 +104,19 @@ class Store:
     Everything read from it is reached through real directories on one file
     system: the partition's (`top`, by default the directory holding the
     store, which the operator named) down to each layer directory, every
-    level checked by lstat to be a directory, not a symlink, on the same
-    device. A symlink or a mount anywhere on the way is refused, so nothing
-    outside the partition is ever read or mounted from it.
+    level checked to be a directory, not a symlink, on the same device. A
+    symlink or a mount anywhere on the way is refused, so nothing outside
+    the partition is ever read or mounted from it.
+
+    The store's own directories (containers, the layerdb's mounts, overlay2,
+    overlay2/l) are opened once, level by level, each relative to the one
+    above with O_NOFOLLOW and checked by fstat; everything below them is
+    looked up relative to those descriptors (one short path per call, not
+    the partition's whole path), each level checked once. The descriptors
+    live as long as one public call (container, layers, scan).
     """
 
-    __slots__ = ("root", "top", "containers", "mounts", "overlay2", "_checked", "_device")
+    __slots__ = ("root", "top", "containers", "mounts", "overlay2", "_device", "_fds", "_users", "_diffs", "_facts")
 
     def __init__(self, root: str, top: str | None = None) -> None:
         self.root = root.rstrip("/") or "/"
@@ -110,12 +124,15 @@ class Store:
         self.containers = f"{self.root}/containers"
         self.mounts = f"{self.root}/image/overlay2/layerdb/mounts"
         self.overlay2 = f"{self.root}/overlay2"
-        self._checked: set[str] = set()
         self._device: int | None = None
+        self._fds: dict[str, int] = {}  # "" (the root) and the store's directories, by path below the root
+        self._users = 0
+        self._diffs: dict[str, os.stat_result] = {}  # layer id -> lstat of its checked diff/
+        self._facts: dict[str, LayerFacts | None] = {}
 
     def device(self) -> int:
-        """The partition's device; on first use, the store root is checked to be
-        reached from it through real directories only."""
+        """The partition's device; on first use, the levels between it and the
+        store root are checked to be real directories on it (the root, by _fd)."""
         if self._device is None:
             try:
                 device = os.stat(self.top).st_dev  # the operator's own path: followed
@@ -123,35 +140,71 @@ class Store:
                 raise StoreError(f"{self.top}: {e.strerror}") from None
             path = self.top
             below = self.root[len(self.top):] if self.root.startswith(self.top.rstrip("/") + "/") else ""
-            for part in below.strip("/").split("/") if below.strip("/") else ():
+            for part in below.strip("/").split("/")[:-1] if below.strip("/") else ():
                 path = f"{path.rstrip('/')}/{part}"
                 require_dir(path, device)
-            self._device = device
+            self._device = device  # the root itself is checked as it is opened (_fd)
         return self._device
 
-    def _dir(self, path: str) -> None:
-        require_dir(path, self.device())
+    def _fd(self, rel: str, missing_ok: bool = False) -> int:
+        """The descriptor of the store's directory `rel` ("" for the root), each
+        level opened from the one above without following a symlink and checked
+        to be a directory on the partition; -1 if it is missing and `missing_ok`."""
+        fd = self._fds.get(rel)
+        if fd is not None:
+            return fd
+        device = self.device()
+        if not rel:
+            # The root was checked level by level from `top` by device(); it is `top` itself
+            # only when the operator named it so, and then it is followed like `top`.
+            flags = _O_DIR & ~os.O_NOFOLLOW if self.root == self.top else _O_DIR
+            parent, name, shown = None, self.root, self.root
+        else:
+            parent_rel, _, name = rel.rpartition("/")
+            parent = self._fd(parent_rel)
+            flags, shown = _O_DIR, f"{self.root}/{rel}"
+        try:
+            fd = os.open(name, flags, dir_fd=parent)
+        except FileNotFoundError:
+            if missing_ok:
+                return -1
+            raise StoreError(f"{shown}: missing") from None
+        except OSError as e:
+            # ELOOP, ENOTDIR: let lstat say which (a symlink, a file, ...), as every level is said.
+            require_dir(name, device, dir_fd=parent, display=shown)
+            raise StoreError(f"{shown}: cannot open the directory: {e.strerror}") from None
+        try:
+            check_dir(os.fstat(fd), shown, device)
+        except (StoreError, OSError):
+            os.close(fd)
+            raise
+        self._fds[rel] = fd  # only once checked: later calls trust it
+        return fd
 
-    def _require_shared_dir(self, path: str) -> None:
-        """The store's own directories, each level from the root down: checked once, not once per container."""
-        if path in self._checked:
-            return
-        rel = path[len(self.root) + 1 :]
-        here = self.root
-        for part in rel.split("/"):
-            here = f"{here}/{part}"
-            if here not in self._checked:
-                self._dir(here)
-                self._checked.add(here)
+    def _enter(self) -> None:
+        self._users += 1
+
+    def _leave(self) -> None:
+        self._users -= 1
+        if not self._users:
+            fds, self._fds = self._fds, {}
+            for fd in fds.values():
+                os.close(fd)
 
     def container(self, cid: str) -> Container:
         """The container `cid` with its layer stack; raises StoreError."""
         if not is_id(cid):
             raise StoreError(f"{self.containers}/{cid[:80]!r}: container id is not 64 hex digits")
-        self._require_shared_dir(self.containers)
-        self._dir(f"{self.containers}/{cid}")
-        path = f"{self.containers}/{cid}/config.v2.json"
-        return self._load(cid, path, _parse_config(read_file(path, CONFIG_LIMIT), path, cid))
+        self._enter()
+        try:
+            fd = self._fd("containers")
+            device = self.device()
+            _dir_at(fd, cid, device, self.containers)
+            path = f"{self.containers}/{cid}/config.v2.json"
+            raw = read_file(f"{cid}/config.v2.json", CONFIG_LIMIT, dir_fd=fd, display=path, device=device)
+            return self._load(cid, path, _parse_config(raw, path, cid))
+        finally:
+            self._leave()
 
     def _load(self, cid: str, path: str, parsed: tuple[str, dict[str, str], str | None]) -> Container:
         name, labels, state = parsed
@@ -167,54 +220,72 @@ class Store:
 
     def layers(self, cid: str) -> tuple[Layer, ...]:
         """The read-only stack of container `cid`, top first, without its -init layer."""
-        self._require_shared_dir(self.mounts)
-        self._dir(f"{self.mounts}/{cid}")
+        self._enter()
+        try:
+            return self._layers(cid)
+        finally:
+            self._leave()
+
+    def _layers(self, cid: str) -> tuple[Layer, ...]:
+        device = self.device()
+        mounts = self._fd(MOUNTS)
+        _dir_at(mounts, cid, device, self.mounts)
         mount_id_path = f"{self.mounts}/{cid}/mount-id"
-        mount_id = read_text(mount_id_path, SMALL_LIMIT)
+        mount_id = read_text(f"{cid}/mount-id", SMALL_LIMIT, dir_fd=mounts, display=mount_id_path, device=device)
         if not is_id(mount_id):
             raise StoreError(f"{mount_id_path}: {mount_id[:80]!r} is not a 64-hex layer id")
-        self._require_shared_dir(self.overlay2)
-        top = f"{self.overlay2}/{mount_id}"
-        self._dir(top)
-        self._dir(f"{top}/diff")
+        overlay2 = self._fd("overlay2")
+        self._diff(mount_id)
         stack: list[Layer] = []
-        if _dir_has_entries(f"{top}/diff"):
-            stack.append(Layer(id=mount_id, path=f"{top}/diff", link=f"{mount_id}/diff", facts=_facts(top, mount_id)))
-        lower_path = f"{top}/lower"
-        lower = read_text(lower_path, 64 << 10)
+        top_diff = f"{self.overlay2}/{mount_id}/diff"
+        if _dir_has_entries(top_diff):
+            stack.append(Layer(id=mount_id, path=top_diff, link=f"{mount_id}/diff", facts=self._layer_facts(mount_id)))
+        lower_path = f"{self.overlay2}/{mount_id}/lower"
+        lower = read_text(f"{mount_id}/lower", 64 << 10, dir_fd=overlay2, display=lower_path, device=device)
         if not lower:
             raise StoreError(f"{lower_path}: empty")
         seen = {mount_id}
         init_id = f"{mount_id}-init"
         for entry in lower.split(":"):
-            layer = self._resolve(entry, lower_path)
-            if layer.id in seen:
-                raise StoreError(f"{lower_path}: lists layer {layer.id} twice")
-            seen.add(layer.id)
-            if layer.id != init_id:
-                stack.append(layer.replace(facts=_facts(os.path.dirname(layer.path), layer.id)))
+            lid, link = self._resolve(entry, lower_path)
+            if lid in seen:
+                raise StoreError(f"{lower_path}: lists layer {lid} twice")
+            seen.add(lid)
+            if lid != init_id:  # never mounted nor read: not looked at either
+                self._diff(lid)
+                stack.append(Layer(id=lid, path=f"{self.overlay2}/{lid}/diff", link=link, facts=self._layer_facts(lid)))
         if not stack:
             raise StoreError(f"{lower_path}: no image layers below the -init layer")
         return tuple(stack)
 
-    def _resolve(self, entry: str, lower_path: str) -> Layer:
-        """One `l/<LINK>` entry of a lower file, checked to land on `<id>/diff`."""
+    def _diff(self, lid: str) -> os.stat_result:
+        """`overlay2/<lid>` and its `diff/`, each a real directory on the partition; checked once per layer."""
+        st = self._diffs.get(lid)
+        if st is None:
+            device, overlay2 = self.device(), self._fd("overlay2")
+            _dir_at(overlay2, lid, device, self.overlay2)
+            st = self._diffs[lid] = _dir_at(overlay2, f"{lid}/diff", device, self.overlay2)
+        return st
+
+    def _layer_facts(self, lid: str) -> LayerFacts | None:
+        """The layer's recorded facts (mobynit.core.facts), read once per layer; its diff/ is not stat'ed again."""
+        if lid not in self._facts:
+            self._facts[lid] = load_facts(lid, lid, dir_fd=self._fd("overlay2"), diff_stat=self._diffs[lid])
+        return self._facts[lid]
+
+    def _resolve(self, entry: str, lower_path: str) -> tuple[str, str]:
+        """(layer id, `l/<LINK>`) of one entry of a lower file, checked to land on `<id>/diff`."""
         head, _, link = entry.partition("/")
         if head != "l" or not _is_link(link):
             raise StoreError(f"{lower_path}: entry {entry[:80]!r} is not of the form l/<26 letters or digits>")
-        self._require_shared_dir(f"{self.overlay2}/l")  # the kernel resolves l/<LINK> through it too
-        link_path = f"{self.overlay2}/l/{link}"
-        target = readlink(link_path, f"missing (listed in {lower_path})")
+        link_path = f"{self.overlay2}/l/{link}"  # the kernel resolves l/<LINK> through a checked l/ too
+        target = readlink(link, f"missing (listed in {lower_path})", dir_fd=self._fd("overlay2/l"), display=link_path)
         dots, _, rest = target.partition("/")
         lid, _, diff = rest.partition("/")
         lid_ok = is_id(lid) or (lid.endswith("-init") and is_id(lid[:-5]))
         if dots != ".." or diff != "diff" or not lid_ok:
             raise StoreError(f"{link_path}: points to {target[:120]!r}, not ../<layer id>/diff")
-        layer_dir = f"{self.overlay2}/{lid}"
-        self._dir(layer_dir)
-        path = f"{layer_dir}/diff"
-        self._dir(path)
-        return Layer(id=lid, path=path, link=f"l/{link}")
+        return lid, f"l/{link}"
 
     def scan(self, wanted: Callable[[Mapping[str, str]], bool], release: str) -> list[Extension]:
         """Every container whose labels make it `wanted`, each read on its own.
@@ -227,28 +298,24 @@ class Store:
         """
         if not _present(self.root):
             return []  # nothing installed yet
-        self.device()  # the store root itself: a real directory on the partition
-        if not _present(self.containers):
-            return []
-        self._require_shared_dir(self.containers)
+        self._enter()
         try:
-            fd = os.open(self.containers, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            raise StoreError(f"{self.containers}: cannot open: {e.strerror}") from None
-        found: list[Extension] = []
-        try:
+            fd = self._fd("containers", missing_ok=True)  # the store root first: a real directory on the partition
+            if fd < 0:
+                return []
             try:
                 with os.scandir(fd) as entries:
                     names = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in entries)
             except OSError as e:
                 raise StoreError(f"{self.containers}: cannot read: {e.strerror}") from None
+            found: list[Extension] = []
             for name, is_dir in names:
                 ext = self._scan_one(fd, name, is_dir, wanted, release)
                 if ext is not None:
                     found.append(ext)
+            return found
         finally:
-            os.close(fd)
-        return found
+            self._leave()
 
     def _scan_one(
         self, fd: int, name: str, is_dir: bool, wanted: Callable[[Mapping[str, str]], bool], release: str
@@ -257,30 +324,35 @@ class Store:
         # and build the strings a fault needs only when there is one.
         if is_dir:
             try:
-                raw = read_file(f"{name}/config.v2.json", CONFIG_LIMIT, dir_fd=fd, display=f"{self.containers}/{name}/config.v2.json")
+                raw = read_file(f"{name}/config.v2.json", CONFIG_LIMIT, dir_fd=fd,
+                                display=f"{self.containers}/{name}/config.v2.json", device=self.device())
             except StoreError as e:
                 return Extension(id=name, name=_short(name), container=None, modules=None, fault=str(e))
             if label.MARKERS[0] not in raw and label.MARKERS[1] not in raw:  # plainly not an extension
                 return None
-        shown = f"{self.containers}/{printable(name)}"  # a planted name must not forge console lines
-        short = _short(name)
         if not is_dir:
-            return Extension(id=name, name=short, container=None, modules=None, fault=f"{shown}: not a directory, not followed")
-        path = f"{shown}/config.v2.json"
+            shown = f"{self.containers}/{printable(name)}"  # a planted name must not forge console lines
+            return Extension(id=name, name=_short(name), container=None, modules=None,
+                             fault=f"{shown}: not a directory, not followed")
+        if not is_id(name):
+            shown = f"{self.containers}/{printable(name)}"
+            return Extension(id=name, name=_best_name(raw) or _short(name), container=None, modules=None,
+                             fault=f"{shown}: directory name is not a 64-hex container id")
+        path = f"{self.containers}/{name}/config.v2.json"  # a 64-hex name prints as it is
         try:
-            if not is_id(name):
-                raise StoreError(f"{shown}: directory name is not a 64-hex container id")
             parsed = _parse_config(raw, path, name)
             cname, labels, _ = parsed
             if not wanted(labels):
                 return None
-            container = self._load(name, path, parsed)
+            container = self._load(name, path, parsed)  # inside scan's call: its descriptors
+            from mobynit.core.layers import probe_modules, read_extension_release  # only stores with extensions
+
             dirs = [layer.path for layer in container.layers]
             known = [layer.facts for layer in container.layers]
             modules = probe_modules(dirs, release, known)
             release_file = read_extension_release(dirs, cname, known)
         except StoreError as e:
-            return Extension(id=name, name=_best_name(raw) or short, container=None, modules=None, fault=str(e))
+            return Extension(id=name, name=_best_name(raw) or _short(name), container=None, modules=None, fault=str(e))
         release_name, ext_release = release_file if release_file is not None else (None, None)
         return Extension(
             id=name, name=cname, container=container, modules=modules, fault=None, release=ext_release,
@@ -320,6 +392,3 @@ def hostapp_id(sysroot: str) -> str:
     if not is_id(cid):
         raise StoreError(f"{current}: points to {target[:120]!r}, whose basename is not a 64-hex container id")
     return cid
-
-def _facts(layer_dir: str, layer_id: str) -> LayerFacts | None:
-    return load_facts(layer_dir, layer_id)

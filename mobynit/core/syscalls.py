@@ -1,8 +1,9 @@
 """Every system call mobynit makes that Python 3.11 does not wrap.
 
 Kept small and dependency-free: it is on the boot path. The constants cost
-nothing to import; ctypes and libc are loaded at the first call, so a run
-that mounts nothing (`plan`) never pays for them. Each wrapper raises
+nothing to import; libc is bound at the first call, through `_ctypes` rather
+than the ctypes package (see _Libc), so a run that mounts nothing (`plan`)
+never pays for it and one that mounts pays a fifth of what ctypes would. Each wrapper raises
 OSError with the errno and a description of the call, so callers can turn
 it into a sentence without guessing what failed.
 """
@@ -57,19 +58,70 @@ FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV}
 _LIBC = None
 
 
-def _libc():  # type: ignore[no-untyped-def]
+class _Libc:
+    """libc's functions, bound through `_ctypes` (the C half of ctypes) directly.
+
+    `import ctypes` costs about 2 ms at boot (its Python module builds dozens
+    of types); the few calls below need only a function pointer class, four
+    argument types and errno, which `_ctypes` provides as ctypes itself uses
+    them (ctypes/__init__.py: CDLL, c_int, c_char_p...).
+    """
+
+    __slots__ = ("_handle", "mount", "umount2", "unshare", "setns", "syscall", "fsconfig", "ioctl", "get_errno", "c_int",
+                 "c_uint", "c_long")
+
+    def __init__(self) -> None:
+        import _ctypes
+
+        class c_int(_ctypes._SimpleCData):
+            _type_ = "i"
+
+        class c_ulong(_ctypes._SimpleCData):
+            _type_ = "L"
+
+        class c_uint(_ctypes._SimpleCData):
+            _type_ = "I"
+
+        class c_long(_ctypes._SimpleCData):
+            _type_ = "l"
+
+        class c_char_p(_ctypes._SimpleCData):
+            _type_ = "z"
+
+        flags = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+
+        class IntFunction(_ctypes.CFuncPtr):
+            _flags_ = flags
+            _restype_ = c_int
+
+        class LongFunction(_ctypes.CFuncPtr):
+            _flags_ = flags
+            _restype_ = c_long
+
+        self._handle = _ctypes.dlopen(None, 0)  # the process's own libc, as ctypes.CDLL(None) opens it
+
+        def bind(name: str, kind: type, *argtypes: type) -> object:
+            func = kind((name, self))
+            if argtypes:
+                func.argtypes = argtypes
+            return func
+
+        self.mount = bind("mount", IntFunction, c_char_p, c_char_p, c_char_p, c_ulong, c_char_p)
+        self.umount2 = bind("umount2", IntFunction, c_char_p, c_int)
+        self.unshare = bind("unshare", IntFunction, c_int)
+        self.setns = bind("setns", IntFunction, c_int, c_int)
+        self.syscall = bind("syscall", LongFunction)  # variadic: each argument passed as its C type
+        # fsconfig, called once per layer: its C types declared once rather than wrapped per call.
+        self.fsconfig = bind("syscall", LongFunction, c_long, c_int, c_uint, c_char_p, c_char_p, c_int)
+        self.ioctl = bind("ioctl", IntFunction)  # loop devices (live layering): arguments as given
+        self.get_errno = _ctypes.get_errno
+        self.c_int, self.c_uint, self.c_long = c_int, c_uint, c_long  # for syscall's variadic arguments
+
+
+def _libc() -> _Libc:
     global _LIBC
     if _LIBC is None:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
-        libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
-        libc.unshare.argtypes = (ctypes.c_int,)
-        libc.setns.argtypes = (ctypes.c_int, ctypes.c_int)
-        libc.syscall.restype = ctypes.c_long
-        libc.ioctl.restype = ctypes.c_int
-        _LIBC = libc
+        _LIBC = _Libc()
     return _LIBC
 
 
@@ -78,9 +130,7 @@ def _enc(s: str | None) -> bytes | None:
 
 
 def _fail(call: str) -> OSError:
-    import ctypes
-
-    err = ctypes.get_errno()
+    err = _libc().get_errno()
     return OSError(err, f"{call}: {os.strerror(err)}")
 
 
@@ -105,9 +155,8 @@ def setns(fd: int, nstype: int = 0) -> None:
 
 
 def _syscall(call: str, number: int, *args: object) -> int:
-    from ctypes import c_long
-
-    ret = _libc().syscall(c_long(number), *args)
+    libc = _libc()
+    ret = libc.syscall(libc.c_long(number), *args)  # type: ignore[operator]
     if ret < 0:
         raise _fail(call)
     return int(ret)
@@ -115,41 +164,34 @@ def _syscall(call: str, number: int, *args: object) -> int:
 
 def fsopen(fstype: str) -> int:
     """A filesystem context to configure; the caller closes the fd."""
-    from ctypes import c_uint
-
-    return _syscall(f"fsopen {fstype}", SYS_fsopen, _enc(fstype), c_uint(FSOPEN_CLOEXEC))
+    libc = _libc()
+    return _syscall(f"fsopen {fstype}", SYS_fsopen, _enc(fstype), libc.c_uint(FSOPEN_CLOEXEC))
 
 
 def fsconfig_string(fd: int, key: str, value: str) -> None:
     """One parameter; relative paths resolve against the current directory, values are capped at 256 bytes."""
-    from ctypes import c_int, c_uint
-
-    _syscall(
-        f"fsconfig {key}={value}", SYS_fsconfig, c_int(fd), c_uint(FSCONFIG_SET_STRING),
-        _enc(key), _enc(value), c_int(0),
-    )
+    if _libc().fsconfig(SYS_fsconfig, fd, FSCONFIG_SET_STRING, _enc(key), _enc(value), 0) < 0:  # type: ignore[union-attr]
+        raise _fail(f"fsconfig {key}={value}")
 
 
 def fsconfig_create(fd: int) -> None:
-    from ctypes import c_int, c_uint
-
-    _syscall("fsconfig create", SYS_fsconfig, c_int(fd), c_uint(FSCONFIG_CMD_CREATE), None, None, c_int(0))
+    libc = _libc()
+    _syscall("fsconfig create", SYS_fsconfig, libc.c_int(fd), libc.c_uint(FSCONFIG_CMD_CREATE), None, None,
+             libc.c_int(0))
 
 
 def fsmount(fd: int, attr_flags: int) -> int:
     """A detached mount of the configured filesystem; the caller closes the fd."""
-    from ctypes import c_int, c_uint
-
-    return _syscall("fsmount", SYS_fsmount, c_int(fd), c_uint(FSMOUNT_CLOEXEC), c_uint(attr_flags))
+    libc = _libc()
+    return _syscall("fsmount", SYS_fsmount, libc.c_int(fd), libc.c_uint(FSMOUNT_CLOEXEC), libc.c_uint(attr_flags))
 
 
 def move_mount_to(mount_fd: int, target: str) -> None:
     """Attach a detached mount (from fsmount) at `target`."""
-    from ctypes import c_int, c_uint
-
+    libc = _libc()
     _syscall(
-        f"move_mount {target}", SYS_move_mount, c_int(mount_fd), b"", c_int(AT_FDCWD),
-        _enc(target), c_uint(MOVE_MOUNT_F_EMPTY_PATH),
+        f"move_mount {target}", SYS_move_mount, libc.c_int(mount_fd), b"", libc.c_int(AT_FDCWD),
+        _enc(target), libc.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
     )
 
 
@@ -157,21 +199,19 @@ def move_mount(mount_fd: int, target: str, beneath: bool = False) -> None:
     """Attach a detached mount at `target`; `beneath` puts it under the mount
     already there (MOVE_MOUNT_BENEATH), so that detaching the top one later
     reveals it: a replacement with no moment without either."""
-    from ctypes import c_int, c_uint
-
+    libc = _libc()
     flags = MOVE_MOUNT_F_EMPTY_PATH | (MOVE_MOUNT_BENEATH if beneath else 0)
     _syscall(
-        f"move_mount {'beneath ' if beneath else ''}{target}", SYS_move_mount, c_int(mount_fd), b"",
-        c_int(AT_FDCWD), _enc(target), c_uint(flags),
+        f"move_mount {'beneath ' if beneath else ''}{target}", SYS_move_mount, libc.c_int(mount_fd), b"",
+        libc.c_int(AT_FDCWD), _enc(target), libc.c_uint(flags),
     )
 
 
 def open_tree_clone(path: str) -> int:
     """A detached copy of the mount at `path` (a bind mount not yet attached); the caller closes the fd."""
-    from ctypes import c_int, c_uint
-
-    return _syscall(f"open_tree {path}", SYS_open_tree, c_int(AT_FDCWD), _enc(path),
-                    c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC))
+    libc = _libc()
+    return _syscall(f"open_tree {path}", SYS_open_tree, libc.c_int(AT_FDCWD), _enc(path),
+                    libc.c_uint(OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC))
 
 
 def fsmount_fd(fstype: str, options: list[tuple[str, str]], attr_flags: int = MOUNT_ATTR_RDONLY) -> int:

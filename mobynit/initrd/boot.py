@@ -348,7 +348,13 @@ def _float(text: str | None) -> float | None:
 
 
 def main() -> None:
-    """Entry point for /init. Never lets a traceback be the last word."""
+    """Entry point for /init. Never lets a traceback be the last word.
+
+    Ends the process itself: streams flushed, no interpreter teardown
+    (mobynit.core.process); /init's line has turned the collector off."""
+    from mobynit.core import process
+
+    process.short_lived()  # if the launch line did not
     cmd = cmdline.parse("")
     console = None
     try:
@@ -367,7 +373,7 @@ def main() -> None:
         code = EXIT_RESCUE if cmd.flag("mobynit.shell") else EXIT_PANIC
     if console is not None:
         console.close()
-    sys.exit(code)
+    process.finish(code)
 
 
 if __name__ == "__main__":

@@ -275,6 +275,16 @@ def cmd_index(args: Args) -> int:
     return 0
 
 
+def run() -> None:
+    """The entry of a launch line like the initramfs's (`python3 -S -B -P -c 'import gc;
+    gc.disable(); from mobynit.tools.cli import run; run()' assemble ...`): main, then
+    the streams flushed and the process ended without the interpreter's teardown."""
+    from mobynit.core import process
+
+    process.short_lived()
+    process.finish(main())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     table = commands()

@@ -592,9 +592,18 @@ hostapp_corruption = st.one_of(
 )
 
 
+def _hpart(a: Arena, part: str, k: int) -> str:
+    """A part of the hostapp container, relative to its store. A layer's directory is
+    one of its image layers: the -init layer (lower's first entry) is never mounted, so
+    boot does not look at it and breaking it breaks nothing (its `l/` link is still read)."""
+    if part in ("layer", "layer_diff"):
+        k = 1 + k % (len(a.hcontainer.layers) - 1)
+    return a.hcontainer.part(part, k)
+
+
 def _hrel(a: Arena, part: str, k: int) -> str:
     """A part of the hostapp container, relative to the sysroot."""
-    return f"{a.hstore.name}/{a.hcontainer.part(part, k)}"
+    return f"{a.hstore.name}/{_hpart(a, part, k)}"
 
 
 def host_node(a: Arena, where: tuple[str, int], kind: str) -> None:
@@ -602,7 +611,7 @@ def host_node(a: Arena, where: tuple[str, int], kind: str) -> None:
 
 
 def host_symlink(a: Arena, where: tuple[str, int], kind: str) -> None:
-    make_symlink(a, a.hjournal, _hrel(a, *where), kind, str(a.hmirror / a.hcontainer.part(*where)))
+    make_symlink(a, a.hjournal, _hrel(a, *where), kind, str(a.hmirror / _hpart(a, *where)))
 
 
 def host_truncate(a: Arena, part: str, fraction: float) -> None:

@@ -220,6 +220,7 @@ def test_flat_root_equals_nested(arena: Arena, corruptions: list[tuple], release
 @example([("store", "fifo")])
 @example([("store", "loop2")])
 @example([("store", "mirror")])
+@example([("node", ("layer_diff", 1), "delete")])
 def test_hostile_hostapp_is_one_error(arena: Arena, corruptions: list[tuple]) -> None:
     a = arena
     assert not a.broken, "an earlier example could not be undone; the copy is unusable"

@@ -66,7 +66,7 @@ def test_stale_by_kernel_abi(tmp_path: Path) -> None:
     (layer / "lib/modules/6.1.0-9-amd64/Module.symvers").write_bytes(symvers)
     c = candidate({"io.balena.image.kernel-abi-id": digest}, layers=(str(tmp_path / "upper"), str(layer)))
     (tmp_path / "upper").mkdir()
-    from mobynit.core.store import probe_modules
+    from mobynit.core.layers import probe_modules
 
     assert manager.stale_reason(c, SYSTEM, probe_modules) is None
     assert manager.stale_reason(c, System(SYSTEM.kernel_release, digest, SYSTEM.os_version), probe_modules) is None

@@ -24,12 +24,14 @@ ISLAND = ("core", "initrd")
 ALLOWED = {
     "__future__": "annotations",
     "os": "everything", "stat": "file types", "sys": "streams", "time": "timings", "errno": "error numbers",
+    "gc": "a short-lived run turns the cyclic collector off (mobynit.core.process)",
     "_json": "the C JSON scanner and encoder (mobynit.core.jsonio), without json's re",
     "fcntl": "the work directory's lock", "select": "waiting for uevents", "socket": "the uevent netlink socket", "struct": "superblocks and partition tables",
 }
 # Allowed only inside a function: costly to import, needed by few runs.
 LATE = {
     "ctypes": "only a run that mounts loads libc",
+    "_ctypes": "syscalls binds libc through ctypes' C module: ~0.3 ms where the ctypes package costs ~2 ms",
     "hashlib": "only extensions that ship kernel modules hash a Module.symvers",
     "json": "jsonio's rare error path, for json's own message",
     "traceback": "the internal-error path of boot",
