@@ -98,8 +98,8 @@ MUTANTS = [
     Mutant("workdir-target-stacked", "mobynit/core/assemble.py", "        if is_mount_point(target):", "        if False:",
            "tests/engine/test_workdir.py"),
     # the purge marker
-    Mutant("purge-marker-ignored", "mobynit/core/assemble.py", "    if problem is not None:\n        return [], None,",
-           "    if problem is None and False:\n        return [], None,"),
+    Mutant("purge-marker-ignored", "mobynit/core/assemble.py", "    if problem is not None:\n        if problem == \"is missing\"",
+           "    if problem is None and False:\n        if problem == \"is missing\""),
     Mutant("purge-marker-symlink", "mobynit/core/assemble.py", "    if stat.S_ISLNK(st.st_mode):\n        return", "    if False:\n        return"),
 ]
 
