@@ -53,9 +53,10 @@ RELEASE_OLD = "6.1.0-bench"  # mount(2)
 # boot's entry (turning the collector off, say). A tree whose CLI has `run()`
 # (main, then the streams flushed and no teardown, as boot's main ends) is
 # launched through it; an older one through main.
-BOOT_ENTRY = "from mobynit.initrd.boot import main"
+# (Trees from before the package's rooms named the entry mobynit.boot and the CLI mobynit.cli.)
+BOOT_ENTRIES = ("from mobynit.initrd.boot import main", "from mobynit.boot import main")
 CLI_RUN = "from mobynit.tools.cli import run; run()"
-CLI_MAIN = "from mobynit.tools.cli import main; raise SystemExit(main())"
+CLI_MAIN = "from {cli} import main; raise SystemExit(main())"
 
 
 @attrs.frozen
@@ -65,6 +66,7 @@ class Launch:
     flags: tuple[str, ...]
     env: tuple[tuple[str, str], ...]
     prelude: str  # e.g. "import gc; gc.disable(); "
+    entry: str  # the import of boot's entry that follows it
 
 
 def launch_line(init: Path) -> Launch:
@@ -77,9 +79,10 @@ def launch_line(init: Path) -> Launch:
                 env = tuple(tuple(w.split("=", 1)) for w in words[:i] if "=" in w and not w.startswith("MOBYNIT_"))
                 c = words.index("-c", i)
                 code = words[c + 1]
-                if BOOT_ENTRY not in code:
-                    raise SystemExit(f"bench: {init}: the -c code {code!r} does not import {BOOT_ENTRY}")
-                return Launch(flags=tuple(words[i + 1 : c]), env=env, prelude=code[: code.index(BOOT_ENTRY)])  # type: ignore[arg-type]
+                entry = next((e for e in BOOT_ENTRIES if e in code), None)
+                if entry is None:
+                    raise SystemExit(f"bench: {init}: the -c code {code!r} does not import {BOOT_ENTRIES[0]}")
+                return Launch(flags=tuple(words[i + 1 : c]), env=env, prelude=code[: code.index(entry)], entry=entry)  # type: ignore[arg-type]
     raise SystemExit(f"bench: no python3 ... -c line in {init}")
 
 
@@ -95,8 +98,10 @@ class Tree:
     @property
     def entry(self) -> str:
         """The code of `mobynit assemble ...` on this tree's launch line."""
-        cli = (self.path / "mobynit" / "tools" / "cli.py").read_text()
-        return self.launch.prelude + (CLI_RUN if "\ndef run() ->" in cli else CLI_MAIN)
+        tools = self.path / "mobynit" / "tools" / "cli.py"
+        if not tools.exists():
+            return self.launch.prelude + CLI_MAIN.format(cli="mobynit.cli")
+        return self.launch.prelude + (CLI_RUN if "\ndef run() ->" in tools.read_text() else CLI_MAIN.format(cli="mobynit.tools.cli"))
 
     def env(self) -> dict[str, str]:
         e = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
@@ -211,7 +216,7 @@ def startup(trees: list[Tree], runs: int) -> tuple[float, list[float]]:
         bare.append(trees[0].run(code="pass"))
         order = range(len(trees)) if i % 2 == 0 else reversed(range(len(trees)))
         for t in order:
-            imports[t].append(trees[t].run(code=trees[t].launch.prelude + BOOT_ENTRY))
+            imports[t].append(trees[t].run(code=trees[t].launch.prelude + trees[t].launch.entry))
     return median_ms(bare), [median_ms(s) for s in imports]
 
 
@@ -312,7 +317,7 @@ def main() -> int:
     bare, imported = startup(trees, opts.runs)
     for tree, ms in zip(trees, imported):
         print(f"  {tree.label}: interpreter start (-c pass) {bare:.1f} ms; with its line's code up to boot's entry "
-              f"({tree.launch.prelude + BOOT_ENTRY}) {ms:.1f} ms (+{ms - bare:.1f} ms)")
+              f"({tree.launch.prelude + tree.launch.entry}) {ms:.1f} ms (+{ms - bare:.1f} ms)")
     print()
     head = f"{'extensions':>10} {'apps':>5} {'kernel':>7} {'layout':>15} {'incl':>5} |"
     if opts.against:
