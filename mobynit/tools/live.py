@@ -196,37 +196,28 @@ def _guard(fn: Callable[[], int]) -> int:
         raise LiveError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from None
 
 
-def cmd_merge(args: object) -> int:
+def _changing(args: object, change: Callable[[Settings, Callable[[str], None]], LiveRecord]) -> int:
+    """Run a command that changes what is merged, then say what is merged now."""
     s = settings(args)
     log = _log(getattr(args, "quiet", False))
 
     def run() -> int:
-        rec = apply(s, "merge", log)
+        rec = change(s, log)
         _emit(args, rec, render.live(rec))
         return 0
     return _guard(run)
+
+
+def cmd_merge(args: object) -> int:
+    return _changing(args, lambda s, log: apply(s, "merge", log))
 
 
 def cmd_refresh(args: object) -> int:
-    s = settings(args)
-    log = _log(getattr(args, "quiet", False))
-
-    def run() -> int:
-        rec = apply(s, "refresh", log)
-        _emit(args, rec, render.live(rec))
-        return 0
-    return _guard(run)
+    return _changing(args, lambda s, log: apply(s, "refresh", log))
 
 
 def cmd_unmerge(args: object) -> int:
-    s = settings(args)
-    log = _log(getattr(args, "quiet", False))
-
-    def run() -> int:
-        rec = unmerge(s, log)
-        _emit(args, rec, render.live(rec))
-        return 0
-    return _guard(run)
+    return _changing(args, unmerge)
 
 
 def cmd_list(args: object) -> int:
