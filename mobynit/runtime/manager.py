@@ -44,6 +44,7 @@ from mobynit.core import labels as label
 from mobynit.core import policy
 from mobynit.core import layers
 from mobynit.core.errors import MobynitError, shown
+from mobynit.core.record import DEFAULT_RECORD, BootRecord, RecordError
 from mobynit.runtime import RuntimeFailure
 from mobynit.runtime.engine import DEFAULT_HOST, EngineAPIError, EngineClient
 from mobynit.runtime.hooks import hook_env, run_hook
@@ -175,9 +176,17 @@ def cleanup(
     log: Callable[[str], None],
     probe: Callable[[Sequence[str], str], object] = layers.probe_modules,
     hook_timeout: float | None = None,
+    mounted: frozenset[str] = frozenset(),
 ) -> Outcome:
     """One pass over the engine's extension containers (and, with `stale_os`,
-    images); see the module docstring."""
+    images); see the module docstring.
+
+    `mounted` are the ids of the extensions the running root is made of (the
+    boot record's): they are never removed now, whatever their state. Their
+    layers are lower layers of the mounted root; deleting them leaves the root
+    with dead directories (a listing of / or /usr fails) until the next boot,
+    which leaves a stale extension out anyway; the cleanup after it removes it.
+    """
     removed: list[tuple[str, str]] = []
     failures: list[str] = []
     stale_images: dict[str, str] = {}  # image id -> why it goes
@@ -198,15 +207,18 @@ def cleanup(
                 reason = stale_reason(c, system, probe)
             except MobynitError as e:  # an unreadable Module.symvers: the boot skips it too
                 reason = str(e)
-            if reason is not None:
-                stale = True
-                try:
-                    deactivate(c, log, hook_timeout)
-                except RuntimeFailure as e:
-                    failures.append(f"{c.short}: its deactivate hook failed: {e}; removed all the same, its volumes kept")
-                    keep_volumes = True
+            stale = reason is not None
+        if reason is not None and c.id in mounted:
+            log(f"kept {c.short}: {reason}; but the running root is made with it: it goes after the next boot")
+            continue
         if reason is None:
             continue
+        if stale:
+            try:
+                deactivate(c, log, hook_timeout)
+            except RuntimeFailure as e:
+                failures.append(f"{c.short}: its deactivate hook failed: {e}; removed all the same, its volumes kept")
+                keep_volumes = True
         try:
             client.remove(c.id)
         except EngineAPIError as e:
@@ -365,7 +377,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     c.add_argument("--kernel-release", help="the running kernel release (default: uname -r)")
     c.add_argument("--cmdline", default="/proc/cmdline", help="the kernel command line file (default /proc/cmdline)")
     c.add_argument("--hook-timeout", type=float, default=None, help="seconds a deactivate hook may run (default 60)")
+    c.add_argument("--boot-record", default=DEFAULT_RECORD,
+                   help=f"the boot record: extensions the running root is made of are kept (default {DEFAULT_RECORD})")
     return p
+
+
+def running_root(record: str, log: Callable[..., None]) -> frozenset[str]:
+    """The ids of the extensions the running root is made of, from the boot record; none without one."""
+    try:
+        rec = BootRecord.read(record)
+    except RecordError as e:
+        if not str(e).startswith("no boot record"):
+            log(f"{e}: cannot tell which extensions the running root uses", "warning")
+        return frozenset()
+    return frozenset(e.id for e in rec.included)
 
 
 def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
@@ -384,7 +409,8 @@ def main(argv: Sequence[str] | None = None, prog: str = PROG) -> int:
         if system is not None:
             log(f"running kernel {system.kernel_release}, {policy.CMDLINE_ABI}={system.abi_token or '(none)'},"
                 f" OS version {system.os_version}")
-        outcome = cleanup(client, args.stale_os, system, log, hook_timeout=args.hook_timeout)
+        outcome = cleanup(client, args.stale_os, system, log, hook_timeout=args.hook_timeout,
+                          mounted=running_root(args.boot_record, log))
     except MobynitError as e:
         log(str(e), "error")
         return 1

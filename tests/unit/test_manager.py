@@ -199,3 +199,51 @@ def test_cli_errors_are_sentences(args: list[str], message: str) -> None:
 def test_cli_usage_errors() -> None:
     proc = subprocess.run([sys.executable, "-m", "mobynit.runtime.manager", "cleanup", "--frob"], capture_output=True, text=True)
     assert proc.returncode == 2 and "unrecognized arguments: --frob" in proc.stderr and "Traceback" not in proc.stderr
+
+
+class _Engine:
+    """The engine's answers for one dead extension container; removals are recorded."""
+
+    def __init__(self, cid: str) -> None:
+        self.cid = cid
+        self.removed: list[str] = []
+
+    def containers(self) -> list[dict]:
+        return [] if self.cid in self.removed else [{"Id": self.cid, "Labels": {"io.balena.image.class": "overlay"}}]
+
+    def inspect(self, cid: str) -> dict:
+        return {"Id": cid, "Name": "/ext", "State": {"Status": "dead"}, "Config": {"Labels": {"io.balena.image.class": "overlay"}}}
+
+    def remove(self, cid: str) -> None:
+        self.removed.append(cid)
+
+
+def test_an_extension_the_running_root_is_made_with_is_never_removed() -> None:
+    # Its layers are lower layers of the mounted root: removed now, / and /usr could no longer be
+    # listed until the next boot. The oracle is the engine's record of what it was asked to remove.
+    cid = "e" * 64
+    said: list[str] = []
+    engine = _Engine(cid)
+    outcome = manager.cleanup(engine, False, None, said.append, mounted=frozenset({cid}))  # type: ignore[arg-type]
+    assert engine.removed == [] and not outcome.removed
+    assert said == [f"kept ext ({cid[:12]}): the engine marked it dead; but the running root is made with it:"
+                    " it goes after the next boot"]
+    manager.cleanup(engine, False, None, said.append)  # type: ignore[arg-type]
+    assert engine.removed == [cid]
+
+
+def test_the_running_root_is_read_from_the_boot_record(tmp_path: Path) -> None:
+    from mobynit.core.record import BootRecord, Entry, Hostapp
+
+    rec = BootRecord(hostapp=Hostapp(id="h" * 64, name="h", layers=()), extensions=(
+        Entry(id="a" * 64, name="a", included=True, position="normal", priority=None, layers=1, reason=None, warning=None),
+        Entry(id="b" * 64, name="b", included=False, position="normal", priority=None, layers=1, reason="x", warning=None),
+    ), disabled_by=None, disabled_reason=None, kernel_release="6.1.0", page_size=4096, target="/", layout="flat",
+        layout_reason=None, mechanism="mount", stacking_depth=1)
+    rec.write(str(tmp_path / "boot.json"))
+    said: list[str] = []
+    assert manager.running_root(str(tmp_path / "boot.json"), lambda *a: said.append(a[0])) == frozenset({"a" * 64})
+    assert manager.running_root(str(tmp_path / "none.json"), lambda *a: said.append(a[0])) == frozenset() and said == []
+    (tmp_path / "bad.json").write_text("{")
+    assert manager.running_root(str(tmp_path / "bad.json"), lambda *a: said.append(a[0])) == frozenset()
+    assert len(said) == 1 and "cannot tell which extensions the running root uses" in said[0]
