@@ -179,16 +179,9 @@ class BootRecord(Record):
 
     @classmethod
     def read(cls, path: str) -> BootRecord:
-        try:
-            raw = read_file(path, RECORD_LIMIT)
-        except StoreError as e:
-            if str(e).endswith(": missing"):
-                raise RecordError(f"no boot record at {path}: this system was not booted by mobynit") from None
-            raise RecordError(f"cannot read the boot record {e}") from None
-        try:
-            doc = jsonio.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise RecordError(f"{path} is not valid JSON: {e}") from None
+        doc = _load(path, "boot record")
+        if doc is None:
+            raise RecordError(f"no boot record at {path}: this system was not booted by mobynit")
         return cls.from_json(doc, path)
 
 
@@ -241,17 +234,23 @@ class LiveRecord(Record):
     @classmethod
     def read(cls, path: str) -> LiveRecord | None:
         """The record, or None when there is none (nothing was ever merged live)."""
-        try:
-            raw = read_file(path, RECORD_LIMIT)
-        except StoreError as e:
-            if str(e).endswith(": missing"):
-                return None
-            raise RecordError(f"cannot read the live record {e}") from None
-        try:
-            doc = jsonio.loads(raw)
-        except (ValueError, RecursionError) as e:
-            raise RecordError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_json(doc, path)
+        doc = _load(path, "live record")
+        return None if doc is None else cls.from_json(doc, path)
+
+
+def _load(path: str, what: str) -> object | None:
+    """A record file's JSON, parsed; None when there is no such file; RecordError
+    naming the file when it cannot be read or parsed."""
+    try:
+        raw = read_file(path, RECORD_LIMIT)
+    except StoreError as e:
+        if str(e).endswith(": missing"):
+            return None
+        raise RecordError(f"cannot read the {what} {e}") from None
+    try:
+        return jsonio.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise RecordError(f"{path} is not valid JSON: {e}") from None
 
 
 def _write(doc: dict[str, object], path: str) -> None:
