@@ -184,19 +184,6 @@ def test_descriptors_are_closed_after_each_call(tmp_path: Path) -> None:
     assert set(os.listdir("/proc/self/fd")) == before
 
 
-@pytest.mark.parametrize("level", ("docker/overlay2/" + MOUNT_ID, "docker/overlay2/" + LAYER, "docker/overlay2/" + LAYER + "/diff",
-                                   "docker/image/overlay2/layerdb/mounts/" + CID, "docker/containers/" + CID))
-def test_a_symlinked_container_or_layer_directory_is_never_followed(tmp_path: Path, level: str) -> None:
-    data = tmp_path / "data"
-    _store(data)
-    outside = tmp_path / "outside"
-    shutil.copytree(data / level, outside, symlinks=True)
-    shutil.rmtree(data / level)
-    (data / level).symlink_to(outside)
-    with pytest.raises(StoreError, match=f"^{data / level}: is a symlink, not followed$"):
-        Store(str(data / "docker")).container(CID)
-
-
 def test_every_level_between_the_partition_and_the_store_is_checked(tmp_path: Path) -> None:
     data = tmp_path / "data"
     _store(tmp_path / "elsewhere")

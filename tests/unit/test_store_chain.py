@@ -47,7 +47,12 @@ def test_a_store_of_real_directories_reads(tmp_path: Path) -> None:
     assert [layer.id for layer in c.layers] == [LAYER] and c.name == "ext"
 
 
-@pytest.mark.parametrize("level", CHAIN)
+# and below the store's own levels: each container's and layer's directories
+OWN = (f"docker/overlay2/{MOUNT_ID}", f"docker/overlay2/{LAYER}", f"docker/overlay2/{LAYER}/diff",
+       f"docker/image/overlay2/layerdb/mounts/{CID}", f"docker/containers/{CID}")
+
+
+@pytest.mark.parametrize("level", CHAIN + OWN)
 def test_a_symlinked_level_is_never_followed(tmp_path: Path, level: str) -> None:
     data = tmp_path / "data"
     _store(data)
