@@ -35,6 +35,8 @@ STDLIB = Path("/usr/lib/python3.11")
 
 # What the root needs from modules: the virtio disk and overlayfs.
 MODULES = ("virtio_pci", "virtio_blk", "overlay")
+# Loaded only when the data partition has sysext images (mobynit/initrd/modules.py), by kind.
+ON_DEMAND = (("loop", "loop"), ("squashfs", "squashfs"), ("erofs", "erofs"))
 
 # The boot path starts at what /init runs; every module it can import, also
 # lazily inside a function, is found by reading the sources (boot_closure).
@@ -222,26 +224,35 @@ def populate(root: Path, modules_dir: Path, source: Path = REPO) -> dict[str, ob
     for lib in sorted(shared_libraries([PYTHON, *extensions])):
         _copy(lib, root)
 
-    order = module_order(modules_dir)
     mods = root / "lib/modules"
     mods.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for rel in order:
-        src = modules_dir / rel
-        dest = mods / (os.path.basename(rel).split(".ko")[0] + ".ko")
-        if rel.endswith(".xz"):
-            dest.write_bytes(lzma.decompress(src.read_bytes()))
-        elif rel.endswith(".ko"):
-            shutil.copy2(src, dest)
-        else:
-            raise SystemExit(f"initramfs: cannot unpack {src} (only .ko and .ko.xz)")
-        lines.append(dest.name)
+    lines = [_module(modules_dir, rel, mods) for rel in module_order(modules_dir)]
     (mods / "load-order").write_text("".join(f"{line}\n" for line in lines))
+    on_demand = []
+    for kind, module in ON_DEMAND:
+        for rel in module_order(modules_dir, (module,)):
+            name = _module(modules_dir, rel, mods)
+            if name not in lines and f"{kind} {name}" not in on_demand:
+                on_demand.append(f"{kind} {name}")
+    (mods / "on-demand").write_text("".join(f"{line}\n" for line in on_demand))
 
     init = root / "init"
     shutil.copy2(REPO / "initramfs/init", init)
     init.chmod(0o755)
-    return {"python_modules": sorted(modules), "kernel_modules": lines}
+    return {"python_modules": sorted(modules), "kernel_modules": lines, "on_demand_modules": on_demand}
+
+
+def _module(modules_dir: Path, rel: str, mods: Path) -> str:
+    """Copy one module (unpacked) into the initramfs's lib/modules; its file name."""
+    src = modules_dir / rel
+    dest = mods / (os.path.basename(rel).split(".ko")[0] + ".ko")
+    if rel.endswith(".xz"):
+        dest.write_bytes(lzma.decompress(src.read_bytes()))
+    elif rel.endswith(".ko"):
+        shutil.copy2(src, dest)
+    else:
+        raise SystemExit(f"initramfs: cannot unpack {src} (only .ko and .ko.xz)")
+    return dest.name
 
 
 def archive(root: Path, output: Path) -> None:

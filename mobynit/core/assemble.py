@@ -24,11 +24,14 @@ from mobynit.core.store import Store, hostapp_id
 from mobynit.core.mounttable import is_mount_point
 from mobynit.core.workdir import WorkDir
 
+IMAGE_MOUNTS = "images"  # below the work directory: raw sysext images, mounted while read
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from mobynit.core.attempts import Attempts, Location
+    from mobynit.core.images import Mounts
     from mobynit.core.model import Container, Decision, Extension
     from mobynit.core.plan import Operation, Plan
 
@@ -41,9 +44,12 @@ def read_hostapp(where: StorePaths) -> Container:
 
 
 def find_extensions(
-    where: StorePaths, cmdline: Cmdline, kernel_release: str, data_reason: str | None = None
+    where: StorePaths, cmdline: Cmdline, kernel_release: str, data_reason: str | None = None,
+    images: Mounts | None = None,
 ) -> tuple[list[Extension], str | None, str | None]:
-    """(extensions, disabled_by, disabled_reason): the store is not read at all when extensions are off.
+    """(extensions, disabled_by, disabled_reason): the data store's extension
+    containers, then the data partition's sysext images (mobynit.core.images,
+    raw ones mounted in `images`); nothing is read when extensions are off.
 
     `data_reason` says why there is no data partition, when the caller knows
     (boot): it becomes the one line about it.
@@ -63,9 +69,24 @@ def find_extensions(
                               f" give the partition that holds it, or the store with --data-store: hostapp only")
         return [], None, f"{where.purge_marker} {problem} (a data reset may be pending): extensions not overlaid"
     try:
-        return Store(where.data_store).scan(label.is_extension, kernel_release), None, None
+        found = Store(where.data_store).scan(label.is_extension, kernel_release)
     except StoreError as e:  # a `docker` that is a file, a directory the file system cannot read
         return [], None, f"extension store unreadable ({e}): hostapp only"
+    if where.images is not None and os.path.lexists(where.images):
+        from mobynit.core.images import find as find_images  # only partitions that hold images
+
+        found += find_images(where.images, os.stat(where.data).st_dev, images, kernel_release)
+    return found, None, None
+
+
+def image_mounts(where: StorePaths, workdir: str, prepare: Callable[[str], None] | None = None) -> Mounts | None:
+    """Where this run mounts the data partition's raw images to read them
+    (`<workdir>/images`), or None when the partition has no image directory."""
+    if where.images is None or not os.path.lexists(where.images):
+        return None
+    from mobynit.core.images import Mounts
+
+    return Mounts(f"{workdir.rstrip('/')}/{IMAGE_MOUNTS}", prepare)
 
 
 def _marker_problem(path: str) -> str | None:
@@ -102,12 +123,14 @@ class Selection(Record):
 
 def select(
     where: StorePaths, cmdline: Cmdline, kernel_release: str, *, extensions: bool = True,
-    timings: dict[str, float] | None = None, data_reason: str | None = None,
+    timings: dict[str, float] | None = None, data_reason: str | None = None, images: Mounts | None = None,
 ) -> Selection:
+    """Read and decide. Raw sysext images are mounted in `images` to be read; without
+    it they are refused with a line (`mobynit index` and `mount` leave them alone)."""
     t0 = time.perf_counter()
     hostapp = read_hostapp(where)
     if extensions:
-        found, token, why = find_extensions(where, cmdline, kernel_release, data_reason)
+        found, token, why = find_extensions(where, cmdline, kernel_release, data_reason, images)
     else:
         found, token, why = [], None, "hostapp only"
     host = None
@@ -239,8 +262,6 @@ def mount_plan(
     Holds the work directory (mobynit.core.workdir) throughout.
     """
     with WorkDir(workdir):
-        if is_mount_point(target):
-            raise MountError(f"{target} is already a mount point: unmount it first (a root is never mounted on a root)")
         return _mount_plan(sel, target=target, workdir=workdir, page_size=page_size, log=log, layout=layout,
                            timings=timings, exclude=exclude, first=first)
 
@@ -257,6 +278,8 @@ def _mount_plan(
     exclude: Mapping[str, str] | None,
     first: Plan | None,
 ) -> tuple[Plan, list[str]]:
+    if is_mount_point(target):
+        raise MountError(f"{target} is already a mount point: unmount it first (a root is never mounted on a root)")
     exclude = dict(exclude or {})
     fallbacks: list[str] = []
     mechanism: str | None = None
@@ -316,15 +339,35 @@ def assemble(
     layout: str | None = None,
     attempts_file: str | None = None,
     data_reason: str | None = None,
+    prepare_images: Callable[[str], None] | None = None,
 ) -> BootRecord:
     """Mount the read-only root at `target`; return the record of what was done.
 
     With `attempts_file`, boots with extensions are counted there, and after
     `mobynit.max_tries` unconfirmed ones the hostapp is mounted alone (see attempts.py).
     `data_reason`: why `data` is None, said once instead of a generic line.
+    `prepare_images(kind)` runs before a raw image is mounted (boot loads modules).
+    The work directory is held throughout: raw images are mounted below it
+    while they are read, and detached at the end (the root holds its own).
     """
+    with WorkDir(workdir):
+        mounts = image_mounts(where, workdir, prepare_images)
+        try:
+            return _assemble(where, target=target, cmdline=cmdline, kernel_release=kernel_release,
+                             page_size=page_size, workdir=workdir, log=log, layout=layout,
+                             attempts_file=attempts_file, data_reason=data_reason, mounts=mounts)
+        finally:
+            if mounts is not None:
+                mounts.close()
+
+
+def _assemble(
+    where: StorePaths, *, target: str, cmdline: Cmdline, kernel_release: str, page_size: int, workdir: str,
+    log: Callable[[str], None], layout: str | None, attempts_file: str | None, data_reason: str | None,
+    mounts: Mounts | None,
+) -> BootRecord:
     timings: dict[str, float] = {}
-    sel = select(where, cmdline, kernel_release, timings=timings, data_reason=data_reason)
+    sel = select(where, cmdline, kernel_release, timings=timings, data_reason=data_reason, images=mounts)
     exclude: dict[str, str] = {}
     first = None
     counting = None
@@ -344,7 +387,7 @@ def assemble(
             exclude = dict.fromkeys(planned, giving_up)
             first = None  # that plan had the extensions in: make the hostapp-only one
         counting = (previous, planned, now, giving_up, tries)
-    plan, fallbacks = mount_plan(
+    plan, fallbacks = _mount_plan(
         sel, target=target, workdir=workdir, page_size=page_size, log=log, layout=layout, timings=timings,
         exclude=exclude, first=first,
     )
@@ -384,7 +427,8 @@ def index_stores(where: StorePaths, kernel_release: str, force: bool = False) ->
     from mobynit.core import facts
 
     sel = select(where, Cmdline(""), kernel_release)
-    containers = [sel.hostapp] + [d.extension.container for d in sel.decisions if d.extension.container]
+    containers = [sel.hostapp] + [d.extension.container for d in sel.decisions
+                                  if d.extension.container and d.extension.image is None]  # images: walked at boot
     layers = {layer.id: os.path.dirname(layer.path) for c in containers for layer in c.layers}
     try:
         written = facts.index(sorted(layers.items()), force=force)

@@ -56,8 +56,9 @@ class LayerFacts(Record):
     dirs: tuple[tuple[str, int], ...] | None
 
 
-def walk(diff: str) -> LayerFacts:
-    """Walk one layer directory; never follows a symlink."""
+def walk(diff: str, limit: int | None = PATHS_LIMIT) -> LayerFacts:
+    """Walk one layer directory; never follows a symlink. Paths and directories
+    are listed up to `limit` paths (None: always, for a walk made at boot)."""
     whiteouts: list[str] = []
     opaques: list[str] = []
     xattrs: list[str] = []
@@ -85,8 +86,8 @@ def walk(diff: str) -> LayerFacts:
         whiteouts=tuple(sorted(whiteouts)),
         opaques=tuple(sorted(opaques)),
         xattrs=tuple(sorted(xattrs)),
-        paths=frozenset(paths) if len(paths) <= PATHS_LIMIT else None,
-        dirs=tuple(sorted(dirs)) if len(paths) <= PATHS_LIMIT else None,
+        paths=frozenset(paths) if limit is None or len(paths) <= limit else None,
+        dirs=tuple(sorted(dirs)) if limit is None or len(paths) <= limit else None,
     )
 
 

@@ -97,21 +97,23 @@ def _surely_absent(known: Sequence[LayerFacts | None] | None, relpath: str) -> b
 
 
 def probe_modules(
-    layers: Sequence[str], release: str, known: Sequence[LayerFacts | None] | None = None
+    layers: Sequence[str], release: str, known: Sequence[LayerFacts | None] | None = None, prefix: str = ""
 ) -> KernelModules | None:
-    """What the stack carries under lib/modules/<release>, for the ABI check.
+    """What the stack carries under <prefix>lib/modules/<release>, for the ABI check
+    (`prefix` "usr/" for a sysext image, which holds only /usr and /opt).
 
     `known` are the layers' recorded facts, when there are: they answer
     "nothing there" for most extensions without touching the disk.
     """
     if not release or "/" in release or release in (".", ".."):
         return None
-    if _surely_absent(known, f"lib/modules/{release}"):
+    where = f"{prefix}lib/modules/{release}"
+    if _surely_absent(known, where):
         return None
-    found = lookup(layers, f"lib/modules/{release}")
+    found = lookup(layers, where)
     if found is None or found[0] != "dir":
         return None
-    symvers = lookup(layers, f"lib/modules/{release}/Module.symvers")
+    symvers = lookup(layers, f"{where}/Module.symvers")
     if symvers is None or symvers[0] != "file":
         return KernelModules(release=release, symvers_sha256=None)
     import hashlib  # only extensions that ship modules pay for it

@@ -124,16 +124,19 @@ class KernelModules(Record):
 
 
 class Extension(Record):
-    """An extension container found in the data store.
+    """An extension found on the data partition: a container of the data store,
+    or a systemd-sysext image (`image` names its kind, mobynit.core.images).
 
     Either `container` is set, or `fault` says in one line (naming the file)
-    why it could not be read; `name` is then the best name known.
+    why it could not be read; `name` is then the best name known. An image
+    is a one-layer `container` without labels, `rank` its place among the
+    images, top first.
     `modules` is None when the extension has no modules for the running kernel;
     `release` is its systemd-sysext extension-release file, when it has one.
     """
 
-    __slots__ = ("id", "name", "container", "modules", "fault", "release", "release_name")
-    _defaults = {"release": None, "release_name": None}
+    __slots__ = ("id", "name", "container", "modules", "fault", "release", "release_name", "image", "rank")
+    _defaults = {"release": None, "release_name": None, "image": None, "rank": None}
     id: str
     name: str
     container: Container | None
@@ -141,17 +144,22 @@ class Extension(Record):
     fault: str | None
     release: Mapping[str, str] | None  # its extension-release file, parsed; None without one
     release_name: str | None  # the <name> of that extension-release.<name> file
+    image: str | None  # "directory", "squashfs" or "erofs" for a sysext image; None for a container
+    rank: int | None  # an image's place among the images, 0 on top (the highest version)
 
 
 OVERRIDE = "override"
 NORMAL = "normal"
+SYSEXT = "sysext"
 
 
 class Decision(Record):
     """What the selection made of one extension.
 
-    `position` is "override" (left of the hostapp, may replace its files) or
-    "normal" (right of it, may only add); `priority` is the override's integer
+    `position` is "override" (left of the hostapp, may replace its files),
+    "sysext" (an image: left of the hostapp, below the overrides, as
+    systemd-sysext stacks images over /usr) or "normal" (right of the
+    hostapp, may only add); `priority` is the override's integer
     N, None otherwise. `reason` is set exactly when the extension is left out.
     """
 

@@ -34,7 +34,7 @@ import os
 
 from mobynit.core import syscalls
 from mobynit.core.errors import shown
-from mobynit.core.model import OVERRIDE, Record
+from mobynit.core.model import OVERRIDE, SYSEXT, Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -349,7 +349,7 @@ def _joined_len(names_count: int, first: int = 0) -> int:
 
 
 def mount_order(kept: Sequence[Decision], hostapp: Container) -> list[tuple[str, Container]]:
-    """(owner, image) top first: overrides, the hostapp, normal extensions.
+    """(owner, image) top first: overrides, sysext images, the hostapp, normal extensions.
 
     The one definition of the stacking order; `kept` is already sorted
     within each group (policy.order_key). The owner is HOSTAPP or the
@@ -357,8 +357,9 @@ def mount_order(kept: Sequence[Decision], hostapp: Container) -> list[tuple[str,
     """
     return [
         *((d.extension.id, _image(d)) for d in kept if d.position == OVERRIDE),
+        *((d.extension.id, _image(d)) for d in kept if d.position == SYSEXT),
         (HOSTAPP, hostapp),
-        *((d.extension.id, _image(d)) for d in kept if d.position != OVERRIDE),
+        *((d.extension.id, _image(d)) for d in kept if d.position not in (OVERRIDE, SYSEXT)),
     ]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from mobynit.core import compat
 from mobynit.core import labels as label
 from mobynit.core.errors import shown
-from mobynit.core.model import NORMAL, OVERRIDE, Decision, Record
+from mobynit.core.model import NORMAL, OVERRIDE, SYSEXT, Decision, Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -93,19 +93,23 @@ def placement(labels: Mapping[str, str]) -> tuple[str, int | None, str | None]:
 
 
 def order_key(decision: Decision) -> tuple[int, int, int, str, str]:
-    """Mount order: overrides by ascending priority (non-integers last), then
-    normal extensions, each group by name; the id settles the rest."""
+    """Mount order, top first: overrides by ascending priority (non-integers
+    last), then sysext images by rank (the highest version on top, as
+    systemd-sysext stacks them), then normal extensions; by name within a
+    group, the id settles the rest."""
     ext = decision.extension
     if decision.position == OVERRIDE:
         unranked = decision.priority is None
         return (0, int(unranked), 0 if unranked else decision.priority, ext.name, ext.id)  # type: ignore[return-value]
-    return (1, 0, 0, ext.name, ext.id)
+    if decision.position == SYSEXT:  # refused images (no rank) after the ranked ones
+        return (1, int(ext.rank is None), ext.rank or 0, ext.name, ext.id)
+    return (2, 0, 0, ext.name, ext.id)
 
 
 def decide(ext: Extension, kernel_release: str, abi_token: str | None, host: Host | None = None) -> Decision:
     container = ext.container
     labels = container.labels if container is not None else {}
-    position, priority, warning = placement(labels)
+    position, priority, warning = placement(labels) if ext.image is None else (SYSEXT, None, None)
     if ext.fault is not None or container is None:
         reason = ext.fault or "unreadable"
     elif container.state is not None:

@@ -18,7 +18,7 @@ Everything that came from a store passes through `shown()` first.
 from __future__ import annotations
 
 from mobynit.core.errors import shown
-from mobynit.core.model import OVERRIDE
+from mobynit.core.model import OVERRIDE, SYSEXT
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 
 def position(entry: Entry) -> str:
-    """`override 5`, `override (unranked)` or `normal`."""
+    """`override 5`, `override (unranked)`, `sysext image` or `normal`."""
+    if entry.position == SYSEXT:
+        return "sysext image"
     if entry.position != OVERRIDE:
         return "normal"
     return f"override {entry.priority}" if entry.priority is not None else "override (unranked)"

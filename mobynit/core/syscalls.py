@@ -35,6 +35,7 @@ SYS_move_mount = 429
 SYS_fsopen = 430
 SYS_fsconfig = 431
 SYS_fsmount = 432
+SYS_finit_module = 313
 FSOPEN_CLOEXEC = 0x1
 FSCONFIG_SET_STRING = 1
 FSCONFIG_CMD_CREATE = 6
@@ -224,6 +225,12 @@ def fsmount_fd(fstype: str, options: list[tuple[str, str]], attr_flags: int = MO
         return fsmount(fd, attr_flags)
     finally:
         os.close(fd)
+
+
+def finit_module(fd: int, name: str) -> None:
+    """Load the kernel module in the open file `fd` (the initramfs has no modprobe)."""
+    libc = _libc()
+    _syscall(f"load module {name}", SYS_finit_module, libc.c_int(fd), b"", libc.c_int(0))
 
 
 def loop_attach(image_fd: int) -> tuple[str, int]:

@@ -218,15 +218,20 @@ def content(top: str, hierarchies: Sequence[str]) -> tuple[list[str], str | None
         if not stat.S_ISDIR(st.st_mode):
             return [], f"{h.lstrip('/')} is not a directory", None
         has.append(h)
-    firsts = {h.strip("/").split("/")[0] for h in hierarchies}
     try:
-        outside = sorted(n for n in os.listdir(top) if n not in firsts)
+        outside = outside_of(top, hierarchies)
     except OSError as e:
         return [], f"cannot list it: {e.strerror}", None
     warning = None
     if outside:
         warning = f"files outside {', '.join(hierarchies)} are not merged: {shown(', '.join(outside[:5]), 120)}"
     return has, None, warning
+
+
+def outside_of(top: str, hierarchies: Sequence[str]) -> list[str]:
+    """The image's top-level entries that no hierarchy starts with, sorted; raises OSError."""
+    firsts = {h.strip("/").split("/")[0] for h in hierarchies}
+    return sorted(n for n in os.listdir(top) if n not in firsts)
 
 
 def verdict(name: str, top: str, host_release: Mapping[str, str], host_arch: str) -> str | None:

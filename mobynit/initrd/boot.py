@@ -13,7 +13,8 @@ its exit status, because only PID 1 may `switch_root` out of the initramfs
 
 Sequence: find the root partition, mount it read-only, find and mount the
 data partition (unless extensions are switched off), assemble the hostapp
-with its extensions read-only at NEWROOT, move /dev /proc /sys /run into it
+with its extensions (containers, and sysext images from the data partition's
+extensions/, see mobynit.core.images) read-only at NEWROOT, move /dev /proc /sys /run into it
 and the root partition to /mnt/sysroot/active, leave the boot record at
 /run/mobynit/boot.json.
 
@@ -43,6 +44,7 @@ from mobynit.core.paths import ACTIVE_SYSROOT, store_paths
 from mobynit.core.record import DEFAULT_RECORD, BootInfo, BootRecord, Partition
 from mobynit.initrd import blockdev, partitions
 from mobynit.initrd.console import Console
+from mobynit.initrd.modules import OnDemand
 
 EXIT_HANDOVER = 0
 EXIT_RESCUE = 100
@@ -222,6 +224,7 @@ class Boot:
             # ones make later boots mount the hostapp alone (docs/fallback.md).
             attempts_file=None if data is None else attempts.state_path(data),
             data_reason=self.data_reason,
+            prepare_images=OnDemand(),  # loop and squashfs/erofs, at the first sysext image only
         )
         self.timed("assemble", start)
         if data is not None:

@@ -175,10 +175,19 @@ def _page_size(args: Args) -> int:
 
 
 def _plan(args: Args) -> Plan:
-    from mobynit.core.assemble import make_plan, select
+    """What assemble would do. Raw sysext images are mounted under the work
+    directory to be read, as at boot, and detached again before this returns."""
+    from mobynit.core.assemble import image_mounts, make_plan, select
 
-    sel = select(_paths(args), _cmdline(args), args.kernel_release or os.uname().release)
-    return make_plan(sel, target=args.target, workdir=args.workdir, page_size=_page_size(args), layout=_layout_choice(args))
+    where = _paths(args)
+    mounts = image_mounts(where, args.workdir)
+    try:
+        sel = select(where, _cmdline(args), args.kernel_release or os.uname().release, images=mounts)
+        return make_plan(sel, target=args.target, workdir=args.workdir, page_size=_page_size(args),
+                         layout=_layout_choice(args))
+    finally:
+        if mounts is not None:
+            mounts.close()
 
 
 def _layout_choice(args: Args) -> str | None:

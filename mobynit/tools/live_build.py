@@ -14,8 +14,9 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
-from mobynit.core import syscalls, sysext
+from mobynit.core import images, syscalls, sysext
 from mobynit.core.errors import shown
+from mobynit.core.policy import CMDLINE_ABI
 from mobynit.core.record import LiveEntry
 from mobynit.tools.live_sources import CONTAINER, Candidate, container_candidates, host_arch
 from mobynit.tools.live_state import SOURCE, LiveError, Settings, ours_on_top
@@ -61,11 +62,7 @@ def _mount_image(staging: Staging, image: sysext.Image) -> str:
     except OSError as e:
         raise OSError(e.errno, f"cannot open: {e.strerror}") from None
     try:
-        device, dev_fd = syscalls.loop_attach(fd)
-        try:
-            syscalls.mount(device, target, image.kind, syscalls.MS_RDONLY | syscalls.MS_NODEV | syscalls.MS_NOSUID)
-        finally:
-            os.close(dev_fd)
+        images.mount_image(fd, target, image.kind or "")
     finally:
         os.close(fd)
     return target
@@ -83,7 +80,9 @@ def build(s: Settings, hierarchies: Sequence[str], generation: int, log: Callabl
     arch = host_arch()
     from mobynit.core.cmdline import Cmdline
 
-    disabled = Cmdline(s.cmdline).extensions_disabled_by()
+    cmdline = Cmdline(s.cmdline)
+    disabled = cmdline.extensions_disabled_by()
+    abi_token = cmdline.get(CMDLINE_ABI)
     tops: dict[str, str] = {}  # candidate key -> its tree in the namespace
     entries: list[tuple[Candidate, LiveEntry]] = []
 
@@ -102,7 +101,8 @@ def build(s: Settings, hierarchies: Sequence[str], generation: int, log: Callabl
                                                     f" ({os.strerror(e.errno) if e.errno else e})")
             if c.fault is None:
                 has, refusal, warning = sysext.content(top, hierarchies)
-                refusal = refusal or sysext.verdict(image.name, top, host, arch)
+                refusal = (refusal or sysext.verdict(image.name, top, host, arch)
+                           or images.kernel_refusal(top, s.kernel_release, abi_token))
                 if refusal is not None:
                     c = attrs.evolve(c, fault=refusal)
                 else:
@@ -121,9 +121,9 @@ def build(s: Settings, hierarchies: Sequence[str], generation: int, log: Callabl
     # in version order on top, as systemd-sysext), then normal containers by name.
     kept = [(c, e) for c, e in entries if c.fault is None]
     overrides = sorted((p for p in kept if p[0].kind == CONTAINER and p[0].override), key=lambda p: p[0].priority)
-    images = sorted((p for p in kept if p[0].kind != CONTAINER), key=lambda p: sysext.version_key(p[0].name), reverse=True)
+    sysexts = sorted((p for p in kept if p[0].kind != CONTAINER), key=lambda p: sysext.version_key(p[0].name), reverse=True)
     normals = sorted((p for p in kept if p[0].kind == CONTAINER and not p[0].override), key=lambda p: p[0].priority)
-    order = overrides + images + normals
+    order = overrides + sysexts + normals
 
     overlays: dict[str, int] = {}
     used: dict[str, list[str]] = {}

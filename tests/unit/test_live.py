@@ -249,7 +249,7 @@ def _one_line(done: subprocess.CompletedProcess[str]) -> str:
 
 
 @pytest.mark.parametrize("case", ["garbage", "truncated", "gpt", "other-os", "other-arch", "symlink-usr",
-                                  "other-name", "no-release", "symlink-entry"])
+                                  "other-name", "no-release", "symlink-entry", "modules-no-symvers"])
 def test_bad_images_are_refused_with_one_line(root: Path, tmp_path: Path, case: str) -> None:
     ext = root / "var/lib/extensions"
     good = ext_tree("good", tmp_path)
@@ -278,12 +278,16 @@ def test_bad_images_are_refused_with_one_line(root: Path, tmp_path: Path, case: 
     elif case == "symlink-entry":
         image(ext_tree("bad", tmp_path), tmp_path / "elsewhere", "directory")
         (ext / "bad").symlink_to(tmp_path / "elsewhere")
+    elif case == "modules-no-symvers":  # the kernel gate, as at boot (mobynit.core.policy.kernel_verdict)
+        image(ext_tree("bad", tmp_path, {f"usr/lib/modules/{os.uname().release}/x.ko": "ko"}), ext / "bad.raw", "erofs")
     done = mobynit("merge", "--root", str(root), "--json")
     rec = json.loads(done.stdout)
     by_name = {e["name"]: e for e in rec["extensions"]}
     assert by_name["good"]["merged"] is True
     bad = by_name["bad"]
     assert bad["merged"] is False and "\n" not in bad["reason"] and bad["reason"]
+    if case == "modules-no-symvers":
+        assert "without a Module.symvers" in bad["reason"], bad["reason"]
     assert tree(root / "usr") == union(root, good)  # the good one merged, nothing of the bad one
     _one_line(done)
 

@@ -236,6 +236,27 @@ def test_root_order_overrides_hostapp_normals(layout: str, mechanism: str) -> No
         assert sorted(sim.intermediate.values()) == images
 
 
+def image(name: str, rank: int | None, fault: str | None = None):
+    """A sysext image as mobynit.core.images returns it: one layer, no labels, a rank among the images."""
+    ext = extension(name, overlay2="/run/mobynit/work/images", fault=fault)
+    return ext.replace(image="squashfs", rank=rank, container=ext.container and ext.container.replace(labels={}))
+
+
+@pytest.mark.parametrize(("layout", "mechanism"), LAYOUTS)
+def test_sysext_images_sit_between_the_overrides_and_the_hostapp_by_rank(layout: str, mechanism: str) -> None:
+    """systemd-sysext's rule: images over the base, the highest version (rank 0) on top; overrides stay above."""
+    exts = [extension("normal"), image("img-b", 1), extension("o1", override=1), image("img-a", 0),
+            image("img-bad", None, fault="garbage")]
+    host = hostapp()
+    decisions = select(exts)
+    assert [d.position for d in decisions] == ["override", "sysext", "sysext", "sysext", "normal"]
+    assert [d.extension.name for d in decisions] == ["o1", "img-a", "img-b", "img-bad", "normal"]
+    p = build(host, decisions, layout=layout, mechanism=mechanism)
+    sim = simulate(p, host, decisions)
+    by = {e.name: [layer.path for layer in e.container.layers] for e in exts if e.container}
+    assert list(sim.root) == by["o1"] + by["img-a"] + by["img-b"] + [layer.path for layer in host.layers] + by["normal"]
+
+
 def test_nested_operation_sequence_for_one_extension() -> None:
     """The documented nested layout, spelled out once."""
     ext = extension("one", nlayers=2)

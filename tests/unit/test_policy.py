@@ -159,6 +159,20 @@ def _names(decisions: list) -> list[str]:
     return [d.extension.name for d in decisions]
 
 
+def test_sysext_images_go_between_overrides_and_normals_by_rank_and_ignore_labels() -> None:
+    """An image (mobynit.core.images) is ranked by version, top first; it has no labels to place it."""
+    def image(name: str, rank: int | None, **kw: object):
+        ext = extension(name, **kw)
+        return ext.replace(image="erofs", rank=rank)
+
+    exts = [extension("normal"), image("v10", 0), image("v2", 2), image("v9", 1), image("broken", None, fault="bad"),
+            image("labelled", 3, override=1), extension("o", override=1)]
+    got = policy.select(exts, RELEASE, None)
+    assert _names(got) == ["o", "v10", "v9", "v2", "labelled", "broken", "normal"]
+    assert [d.position for d in got] == [OVERRIDE] + ["sysext"] * 5 + [NORMAL]
+    assert [d.included for d in got] == [True] * 5 + [False, True]
+
+
 def test_select_orders_overrides_by_priority_then_name_then_normals_by_name() -> None:
     exts = [
         extension("zeta"),
