@@ -33,7 +33,7 @@ base = f"/usr/lib/modules/{os.uname().release}/kernel/"
 with open("/dev/console", "w") as console:
     for rel in ("drivers/block/loop.ko", "fs/squashfs/squashfs.ko"):
         fd = os.open(base + rel, os.O_RDONLY)
-        ok = libc.syscall(313, fd, b"", 0) == 0  # finit_module on x86_64
+        ok = libc.syscall(313, fd, b"", 0) == 0 or ctypes.get_errno() == 17  # finit_module on x86_64; EEXIST: the initramfs loaded it
         print("MARK module", os.path.basename(rel), "loaded" if ok else os.strerror(ctypes.get_errno()), file=console)
 PY
 usr() { mark usr-mounts "$1 $(awk '$5 == "/usr" { for (i = 7; i <= NF; i++) if ($i == "-") print $(i + 1) ":" $(i + 2) }' /proc/self/mountinfo | tr '\n' ' ')"; }
@@ -51,6 +51,8 @@ for d in ("/", "/usr", "/usr/share", "/usr/bin", "/usr/lib", "/etc", "/mnt/data"
     os.close(fd)
 PY
 grep ' / / ' /proc/self/mountinfo | cut -c1-300 | say rootmount
+# sysext images of the data partition's extensions/, joined to the root at boot: no mount on /usr yet.
+usr boot; has boot /usr/share/boottool/data /usr/bin/boottool /usr/share/booterofs/data /usr/share/bootbad/data
 dmesg | grep -i overlay | tail -n 5 | say dmesg
 mobynit-tree - $out/stat.txt 2>&1 | tail -n 1 | say tree-stat; tree base
 cp -a $in/images/dirtool $in/images/sqtool.raw /run/extensions/
@@ -160,13 +162,29 @@ def _sysext_tree(top: Path, name: str, files: dict[str, str]) -> Path:
     return top
 
 
+BOOT_IMAGES = {"boottool": "squashfs", "booterofs": "erofs", "bootbad": "squashfs"}  # in data/extensions
+
+
 def live_inputs(data: Path) -> Path:
     """`data`/live-probe/images: the sysext images the live probe merges. `dirtool`
     (a directory) and `sqtool.raw` (squashfs) both ship usr/share/common/who, so
     their order shows; sqtool adds a symlink, an executable and a private
-    directory; `newtool.raw` is the one refresh swaps in."""
+    directory; `newtool.raw` is the one refresh swaps in. And `data`/extensions,
+    the images boot joins to the root (mobynit.core.images): a squashfs and an
+    erofs one, and `bootbad`, which also ships etc/ and must be refused."""
     images = data / "live-probe" / "images"
     images.mkdir(parents=True)
+    (data / "extensions").mkdir()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kind in BOOT_IMAGES.items():
+            files = {f"usr/share/{name}/data": f"{name} data\n", f"usr/bin/{name}": f"#!/bin/sh\necho {name}\n"}
+            if name == "bootbad":
+                files["etc/bootbad.conf"] = "not for the root\n"
+            src = _sysext_tree(Path(tmp) / name, name, files)
+            out = data / "extensions" / f"{name}.raw"
+            cmd = (["mksquashfs", str(src), str(out), "-quiet", "-noappend", "-all-root"] if kind == "squashfs"
+                   else ["mkfs.erofs", "--quiet", "--all-root", str(out), str(src)])
+            subprocess.run(cmd, check=True, capture_output=True)
     _sysext_tree(images / "dirtool", "dirtool", {"usr/bin/dirtool": "#!/bin/sh\necho dirtool\n",
                                                  "usr/share/common/who": "dirtool\n"})
     (images / "dirtool/usr/bin/dirtool").chmod(0o755)

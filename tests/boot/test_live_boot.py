@@ -57,6 +57,22 @@ def test_the_guest_loads_squashfs_and_boots_flat(live) -> None:
     assert record is not None and record["layout"] == "flat", record and record.get("layout_reason")
 
 
+def test_data_partition_images_are_in_the_root_before_init(live) -> None:
+    """The initramfs loaded loop, squashfs and erofs for them and made them layers of the
+    root: their files are there with nothing mounted on /usr, the refused one is said."""
+    record = boot_kit.boot_record(live)
+    got = {e["name"]: e for e in record["extensions"]}
+    for name in ("boottool", "booterofs"):
+        assert got[name]["included"] and got[name]["position"] == "sysext", got[name]
+    assert not got["bootbad"]["included"] and "outside /usr, /opt" in got["bootbad"]["reason"]
+    assert labelled(live, "usr-mounts")["boot"] == "", live.describe()
+    assert has(live, "boot") == {"/usr/share/boottool/data": "boottool data", "/usr/bin/boottool": "#!/bin/sh",
+                                 "/usr/share/booterofs/data": "booterofs data", "/usr/share/bootbad/data": "missing"}
+    console = live.console.text()
+    assert "extension boottool: included, sysext image" in console
+    assert "extension bootbad: skipped: " in console
+
+
 # Found by this test: the directories of the root that an extension's layers take part in
 # (/, /usr, /usr/share) could not be listed (getdents64: ENOENT) once the cleanup unit had
 # removed an extension the running root was made with: its layers were gone from under the
