@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 
 from mobynit.core import syscalls, sysext
-from mobynit.core.errors import shown
+from mobynit.core.errors import StoreError, shown
 from mobynit.core.model import Container, Extension, Layer
 
 TYPE_CHECKING = False
@@ -247,7 +247,10 @@ def _describe(path: str, name: str, kind: str, top: str, ident: str, kernel_rele
     if deletes:
         return refused(f"deletes or hides /{shown(deletes[0], 120)} (a whiteout, an opaque directory or an overlay"
                        " xattr): at boot an image may add and replace files, not delete them (merge it live instead)")
-    modules = probe_modules([top], kernel_release, [facts], prefix="usr/")
+    try:
+        modules = probe_modules([top], kernel_release, [facts], prefix="usr/")
+    except StoreError as e:  # a Module.symvers that is not a readable regular file
+        return refused(str(e))
     layer = Layer(id=ident, path=top, link=os.path.basename(top), facts=facts)
     container = Container(id=ident, name=name, labels={}, state=None, layers=(layer,),
                           overlay2=os.path.dirname(top), config=path)
