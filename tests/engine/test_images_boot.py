@@ -91,6 +91,10 @@ def imaged(device, tmp_path_factory: pytest.TempPathFactory):
     squashfs(white, images / "white.raw")
     squashfs(tree(src, {"usr/share/badmods/x": "x\n", f"usr/lib/modules/{KERNEL_RELEASE}/x.ko": "ko\n"}, "badmods"),
              images / "badmods.raw")
+    fifo_mods = tree(src, {"usr/share/fifomods/x": "x\n"}, "fifomods")
+    (fifo_mods / f"usr/lib/modules/{KERNEL_RELEASE}").mkdir(parents=True)
+    os.mkfifo(fifo_mods / f"usr/lib/modules/{KERNEL_RELEASE}/Module.symvers")  # must never be opened blocking
+    squashfs(fifo_mods, images / "fifomods.raw")
     (images / "garbage.raw").write_bytes(os.urandom(8192))
     good = images / "sq-tool.raw"
     used = int.from_bytes(good.read_bytes()[40:48], "little")  # the superblock's bytes_used
@@ -112,6 +116,7 @@ REFUSED = {
     "white": "deletes or hides /usr/share/hostapp",
     "badmods": "without a Module.symvers",
     "garbage": "neither a squashfs nor an erofs",
+    "fifomods": "Module.symvers",
     "trunc": "truncated squashfs",
     "fifo": "not a regular file",
     "link": "is a symlink, not followed",
@@ -205,3 +210,23 @@ def test_an_image_the_kernel_refuses_is_skipped_and_the_rest_boots(imaged, tmp_p
             assert got["sq-tool"]["included"] and read(root, "usr/share/sq-tool/data") == "sq-tool data\n"
     finally:
         bad.unlink()
+
+
+def test_an_interrupted_run_s_image_mounts_are_cleared(imaged, tmp_path: Path) -> None:
+    """A run killed while it held an image mounted leaves it under the work directory;
+    the next run detaches it before it starts, and leaves nothing either."""
+    from mobynit.core import images
+
+    dev, _ = imaged
+    left = tmp_path / "work" / "images" / "0"
+    left.mkdir(parents=True)
+    fd = os.open(dev.data / "extensions" / "sq-tool.raw", os.O_RDONLY)
+    try:
+        images.mount_image(fd, str(left), "squashfs")
+    finally:
+        os.close(fd)
+    assert [m for m in mounts.mountinfo() if m.mount_point == str(left)]
+    with assembled(dev, tmp_path) as (root, record, _):
+        assert by_name(record)["sq-tool"]["included"]
+        assert not [m for m in mounts.mountinfo() if str(tmp_path / "work") in m.mount_point]
+        assert read(root, "usr/share/sq-tool/data") == "sq-tool data\n"
