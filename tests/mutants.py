@@ -45,6 +45,11 @@ MUTANTS = [
     Mutant("plan-sysext-below-hostapp", "mobynit/core/plan.py",
            "        *((d.extension.id, _image(d)) for d in kept if d.position == SYSEXT),\n        (HOSTAPP, hostapp),",
            "        (HOSTAPP, hostapp),\n        *((d.extension.id, _image(d)) for d in kept if d.position == SYSEXT),"),
+    Mutant("images-deletions-kept", "mobynit/core/images.py", "    deletes = facts.whiteouts or facts.opaques or facts.xattrs",
+           "    deletes = ()", "tests/fuzz/test_images.py"),
+    Mutant("images-symlink-followed", "mobynit/core/images.py", "    if kind == _S_IFLNK:", "    if kind == -1:",
+           "tests/fuzz/test_images.py"),
+    Mutant("images-outside-kept", "mobynit/core/images.py", "    if outside:", "    if False:", "tests/fuzz/test_images.py"),
     Mutant("policy-dead-included", "mobynit/core/policy.py", "elif container.state is not None:",
            "elif container.state == 'Gone':"),
     # the kernel filter

@@ -170,62 +170,63 @@ def _refused(path: str, fault: str, name: str | None = None, kind: str | None = 
 def _one(directory: str, dir_fd: int, entry: str, device: int, mounts: Mounts | None,
          kernel_release: str) -> Extension | None:
     path = f"{directory}/{entry}"
+    said = f"{shown(directory, 1000)}/{shown(entry)}"  # the operator's directory whole, the entry's name capped
     name = entry[:-4] if entry.endswith(".raw") else entry
     try:
         st = os.lstat(entry, dir_fd=dir_fd)
     except OSError as e:
-        return _refused(path, f"{shown(path)}: {e.strerror}", name)
+        return _refused(path, f"{said}: {e.strerror}", name)
     kind = st.st_mode & _S_IFMT
     if kind == _S_IFLNK:
-        return _refused(path, f"{shown(path)} is a symlink, not followed (put the image itself there)", name)
+        return _refused(path, f"{said} is a symlink, not followed (put the image itself there)", name)
     if st.st_dev != device:
-        return _refused(path, f"{shown(path)} is not on the data partition (a mount point), not followed", name)
+        return _refused(path, f"{said} is not on the data partition (a mount point), not followed", name)
     if kind == _S_IFDIR:
         if not NAME_CHARS.issuperset(entry):
-            return _refused(path, f"{shown(path)}: a directory image's name may hold only letters, digits and"
+            return _refused(path, f"{said}: a directory image's name may hold only letters, digits and"
                                   " ._+@- (it becomes a mount option)", name, sysext.DIRECTORY)
-        return _describe(path, name, sysext.DIRECTORY, path, image_id(entry, st), kernel_release)
+        return _describe(path, said, name, sysext.DIRECTORY, path, image_id(entry, st), kernel_release)
     if not entry.endswith(".raw") or not name:
         return None  # not an image name: systemd-sysext passes it by too
     if kind != _S_IFREG:
-        return _refused(path, f"{shown(path)} is not a regular file, not opened", name)
+        return _refused(path, f"{said} is not a regular file, not opened", name)
     try:
         fd = os.open(entry, _O_IMAGE, dir_fd=dir_fd)
     except OSError as e:
-        return _refused(path, f"{shown(path)}: cannot open: {e.strerror}", name)
+        return _refused(path, f"{said}: cannot open: {e.strerror}", name)
     try:
         fst = os.fstat(fd)
         if fst.st_mode & _S_IFMT != _S_IFREG or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
-            return _refused(path, f"{shown(path)}: changed while being read", name)
+            return _refused(path, f"{said}: changed while being read", name)
         head = os.pread(fd, sysext.HEAD, 0)
         gpt = os.pread(fd, 8, 512) == b"EFI PART" or os.pread(fd, 8, 4096) == b"EFI PART"
-        fs, fault = sysext.classify(shown(path), head, fst.st_size, gpt)
+        fs, fault = sysext.classify(said, head, fst.st_size, gpt)
         if fs is None:
-            return _refused(path, fault or f"{shown(path)}: not an image", name)
+            return _refused(path, fault or f"{said}: not an image", name)
         if mounts is None:
-            return _refused(path, f"{shown(path)}: not mounted (reading an image needs a work directory)", name, fs)
+            return _refused(path, f"{said}: not mounted (reading an image needs a work directory)", name, fs)
         try:
             top = mounts.mount(fd, fs)
         except OSError as e:
-            return _refused(path, f"{shown(path)}: cannot mount it as {fs} ({e.strerror or e})", name, fs)
+            return _refused(path, f"{said}: cannot mount it as {fs} ({e.strerror or e})", name, fs)
     except OSError as e:
-        return _refused(path, f"{shown(path)}: cannot read: {e.strerror}", name)
+        return _refused(path, f"{said}: cannot read: {e.strerror}", name)
     finally:
         os.close(fd)
-    ext = _describe(path, name, fs, top, image_id(entry, fst), kernel_release)
+    ext = _describe(path, said, name, fs, top, image_id(entry, fst), kernel_release)
     if ext.fault is not None:
         mounts.release(top)
     return ext
 
 
-def _describe(path: str, name: str, kind: str, top: str, ident: str, kernel_release: str) -> Extension:
+def _describe(path: str, said: str, name: str, kind: str, top: str, ident: str, kernel_release: str) -> Extension:
     """The image at `top` (a directory, or where it is mounted) as an Extension: its
     release file, modules and layer facts, or the one reason it cannot join a root."""
     from mobynit.core.facts import walk
     from mobynit.core.layers import probe_modules
 
     def refused(why: str) -> Extension:
-        return _refused(path, f"{shown(path)}: {why}", name, kind)
+        return _refused(path, f"{said}: {why}", name, kind)
 
     has, refusal, _ = sysext.content(top, sysext.HIERARCHIES)
     if refusal is not None:
