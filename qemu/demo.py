@@ -4,7 +4,8 @@
 
 1. builds a balenaOS-layout device with the real engine: a busybox hostapp
    and three extensions (tools and firmware add files, hotfix is an
-   override that replaces a hostapp file), on one disk image;
+   override that replaces a hostapp file), plus a systemd-sysext image on
+   the data partition (diag.raw, squashfs), on one disk image;
 2. prints `mobynit plan` for that device;
 3. boots it in QEMU (Debian's kernel, mobynit's initramfs), streaming the
    console: mobynit's lines, then the booted system's own view;
@@ -54,12 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"initramfs {initrd}: {summary['gzip_bytes'] / 1e6:.1f} MB gzipped "
           f"(busybox, python3.11 with {len(summary['python_modules'])} modules, {len(summary['kernel_modules'])} kernel modules)")
 
-    step("device: hostapp + 3 extensions (tools, firmware: normal; hotfix: override 10), built by dockerd")
+    step("device: hostapp + 3 extensions (tools, firmware: normal; hotfix: override 10), built by dockerd,"
+         " and a sysext image (diag.raw)")
     start = time.monotonic()
     shutil.rmtree(work / "device", ignore_errors=True)
-    device, disk = devices.build(work / "device", devices.demo_hostapp(), devices.three_extensions(), index=True)
+    device = devices.build_device(work / "device", devices.demo_hostapp(), devices.three_extensions())
+    devices.demo_image(device.data)
+    disk = devices.device_disk(work / "device" / "disk.img", device.sysroot, device.data, index=True)
     print(f"{disk.path}: resin-rootA (/balena, /current -> hostapps/{device.hostapp_id[:12]}...), "
-          f"resin-data (/docker, /remove_me_to_reset); {time.monotonic() - start:.1f} s")
+          f"resin-data (/docker, /extensions/diag.raw, /remove_me_to_reset); {time.monotonic() - start:.1f} s")
 
     cmdline = " ".join(["console=ttyS0", "root=LABEL=resin-rootA", "quiet", *args])
     step(f"mobynit plan  (kernel command line: {cmdline})")

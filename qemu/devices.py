@@ -64,6 +64,7 @@ $bb grep -E " / | /mnt/sysroot/active " /proc/mounts
 show cat /etc/hostapp-file
 show cat /usr/share/tools/hello
 show cat /usr/share/firmware/blob
+show cat /usr/share/diag/hello
 show touch /etc/new-file
 show ls /.dockerenv
 show ls /mnt/sysroot/active
@@ -74,6 +75,25 @@ echo "DEMO-RECORD $($bb tr -d '\n' < /run/mobynit/boot.json)"
 echo "=== powering off ==="
 $bb poweroff -f
 """
+
+
+def demo_image(data: Path) -> Path:
+    """A sysext image on the data partition (data/extensions/diag.raw, squashfs) that boot
+    joins to the root (docs/boot.md): its file is in /usr before the demo's init runs."""
+    import subprocess
+    import tempfile
+
+    out = data / "extensions" / "diag.raw"
+    out.parent.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp)
+        for rel, text in {"usr/share/diag/hello": "hello from the diag sysext image\n",
+                          "usr/lib/extension-release.d/extension-release.diag": "ID=balena-os\nVERSION_ID=7.0.0\n"}.items():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).write_text(text)
+        subprocess.run(["mksquashfs", str(src), str(out), "-quiet", "-noappend", "-all-root"], check=True,
+                       capture_output=True)
+    return out
 
 
 def demo_hostapp() -> HostappSpec:
