@@ -494,7 +494,10 @@ def test_missing_root_partition_is_one_line_then_panic(booted):
     res = booted("no-root")
     said = res.console.mobynit()
     cannot = [line for line in said if line.startswith("cannot boot: ")]
-    assert cannot == ["cannot boot: root partition LABEL=nowhere did not appear within 1.0 s"], lines(res)
+    # The line says how long it really waited: mobynit.wait=1, more on a loaded host (the guest's clock).
+    prefix = "cannot boot: root partition LABEL=nowhere did not appear within "
+    assert len(cannot) == 1 and cannot[0].startswith(prefix) and cannot[0].endswith(" s"), lines(res)
+    assert 1.0 <= float(cannot[0][len(prefix):-2]) < 5.0, lines(res)
     assert res.console.first("Kernel panic - not syncing") is not None, res.describe()
     assert res.console.first("Rebooting in 1 seconds") is not None  # panic=1 from the command line is kept
     assert res.returncode == 0
