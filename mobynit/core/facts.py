@@ -116,9 +116,9 @@ def facts_path(layer_dir: str) -> str:
     return f"{layer_dir}/{FACTS_NAME}"
 
 
-def save(layer_dir: str, layer_id: str, facts: LayerFacts) -> None:
-    """Write atomically and durably beside the layer's diff/; raises StoreError."""
-    doc = {
+def to_doc(layer_id: str, facts: LayerFacts) -> dict[str, object]:
+    """The document `save` writes (and a container summary embeds, mobynit.core.summary)."""
+    return {
         "version": FACTS_VERSION,
         "id": layer_id,
         "whiteouts": list(facts.whiteouts),
@@ -127,7 +127,11 @@ def save(layer_dir: str, layer_id: str, facts: LayerFacts) -> None:
         "paths": sorted(facts.paths) if facts.paths is not None else None,
         "dirs": [list(d) for d in facts.dirs] if facts.dirs is not None else None,
     }
-    write_atomic(facts_path(layer_dir), jsonio.dumps(doc).encode())
+
+
+def save(layer_dir: str, layer_id: str, facts: LayerFacts) -> None:
+    """Write atomically and durably beside the layer's diff/; raises StoreError."""
+    write_atomic(facts_path(layer_dir), jsonio.dumps(to_doc(layer_id, facts)).encode())
 
 
 def _valid_path(p: object) -> bool:
@@ -208,8 +212,17 @@ def load(layer_dir: str, layer_id: str, dir_fd: int | None = None,
     `layer_dir` may be relative to `dir_fd` (the store's overlay2, see
     mobynit.core.store); `diff_stat` is the lstat of its diff/ the store already made."""
     try:
-        raw = read_file(facts_path(layer_dir), FACTS_LIMIT, dir_fd=dir_fd)
-        doc = jsonio.loads(raw)
+        doc = jsonio.loads(read_file(facts_path(layer_dir), FACTS_LIMIT, dir_fd=dir_fd))
+    except (StoreError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return from_doc(doc, layer_dir, layer_id, dir_fd, diff_stat)
+
+
+def from_doc(doc: object, layer_dir: str, layer_id: str, dir_fd: int | None = None,
+             diff_stat: os.stat_result | None = None) -> LayerFacts | None:
+    """A facts document, read from its file or embedded in a container summary, checked
+    the one way: current version, this layer's id, every type, and not stale; else None."""
+    try:
         if not isinstance(doc, dict) or doc.get("version") != FACTS_VERSION or doc.get("id") != layer_id:
             return None
         paths = doc.get("paths")
