@@ -73,8 +73,10 @@ MUTANTS = [
     Mutant("plan-max-lower", "mobynit/core/plan.py", "MAX_LOWER = 500", "MAX_LOWER = 499"),
     Mutant("plan-page-boundary", "mobynit/core/plan.py", "options_len > page_size - 1", "options_len > page_size"),
     Mutant("plan-order-normals-first", "mobynit/core/plan.py",
-           "*((d.extension.id, _image(d)) for d in kept if d.position == OVERRIDE),\n        (HOSTAPP, hostapp),",
-           "(HOSTAPP, hostapp),\n        *((d.extension.id, _image(d)) for d in kept if d.position == OVERRIDE),"),
+           "*((d.extension.id, _image(d)) for d in kept if d.position == OVERRIDE),\n"
+           "        *((d.extension.id, _image(d)) for d in kept if d.position == SYSEXT),\n        (HOSTAPP, hostapp),",
+           "(HOSTAPP, hostapp),\n        *((d.extension.id, _image(d)) for d in kept if d.position == OVERRIDE),\n"
+           "        *((d.extension.id, _image(d)) for d in kept if d.position == SYSEXT),"),
     Mutant("plan-drop-from-front", "mobynit/core/plan.py", "        d = kept.pop()\n        entries -= own.pop()",
            "        d = kept.pop(0)\n        entries -= own.pop(0)"),
     # the flat check
@@ -106,7 +108,7 @@ MUTANTS = [
            "tests/unit/test_attempts_file.py"),
     Mutant("workdir-leftovers-kept", "mobynit/core/workdir.py", "            self.clear()", "            pass",
            "tests/engine/test_workdir.py"),
-    Mutant("workdir-target-stacked", "mobynit/core/assemble.py", "        if is_mount_point(target):", "        if False:",
+    Mutant("workdir-target-stacked", "mobynit/core/assemble.py", "    if is_mount_point(target):", "    if False:",
            "tests/engine/test_workdir.py"),
     # the purge marker
     Mutant("purge-marker-ignored", "mobynit/core/assemble.py", "    if problem is not None:\n        if problem == \"is missing\"",

@@ -209,8 +209,8 @@ def flat_conflict(plan: Plan) -> str | None:
     from mobynit.core import facts
 
     stacks = [
-        facts.Stack(name=c.name, dirs=tuple(layer.path for layer in c.layers),
-                    facts=tuple(layer.facts for layer in c.layers), hostapp=owner == planner.HOSTAPP)
+        facts.Stack(name=c.name, dirs=tuple([layer.path for layer in c.layers]),
+                    facts=tuple([layer.facts for layer in c.layers]), hostapp=owner == planner.HOSTAPP)
         for owner, c in planner.mount_order(plan.included, plan.hostapp)
     ]
     return facts.flat_conflict(stacks)

@@ -36,6 +36,7 @@ FACTS_NAME = "mobynit-facts.json"
 FACTS_VERSION = 2  # 2: directory ctimes, to tell stale facts
 FACTS_LIMIT = 32 << 20
 PATHS_LIMIT = 2000  # list every path only for extension-sized layers; big ones are asked by lookup
+_S_IFMT, _S_IFDIR = 0o170000, 0o040000  # stat.S_IFMT(mode), S_IFDIR, without a call per directory
 OPAQUE_XATTR = "trusted.overlay.opaque"
 OVERLAY_XATTR_PREFIX = "trusted.overlay."
 
@@ -116,9 +117,9 @@ def facts_path(layer_dir: str) -> str:
     return f"{layer_dir}/{FACTS_NAME}"
 
 
-def save(layer_dir: str, layer_id: str, facts: LayerFacts) -> None:
-    """Write atomically and durably beside the layer's diff/; raises StoreError."""
-    doc = {
+def to_doc(layer_id: str, facts: LayerFacts) -> dict[str, object]:
+    """The document `save` writes (and a container summary embeds, mobynit.core.summary)."""
+    return {
         "version": FACTS_VERSION,
         "id": layer_id,
         "whiteouts": list(facts.whiteouts),
@@ -127,7 +128,11 @@ def save(layer_dir: str, layer_id: str, facts: LayerFacts) -> None:
         "paths": sorted(facts.paths) if facts.paths is not None else None,
         "dirs": [list(d) for d in facts.dirs] if facts.dirs is not None else None,
     }
-    write_atomic(facts_path(layer_dir), jsonio.dumps(doc).encode())
+
+
+def save(layer_dir: str, layer_id: str, facts: LayerFacts) -> None:
+    """Write atomically and durably beside the layer's diff/; raises StoreError."""
+    write_atomic(facts_path(layer_dir), jsonio.dumps(to_doc(layer_id, facts)).encode())
 
 
 def _valid_path(p: object) -> bool:
@@ -152,22 +157,15 @@ def all_valid_paths(values: list[object]) -> bool:
     return "//" not in wrapped and "/./" not in wrapped and "/../" not in wrapped
 
 
-def _paths(doc: dict[str, object], key: str) -> tuple[str, ...]:
-    value = doc.get(key)
-    if not isinstance(value, list) or not all_valid_paths(value):
-        raise ValueError(f"{key} is not a list of relative paths")
-    return tuple(value)
-
-
-def _dirs(doc: dict[str, object]) -> tuple[tuple[str, int], ...] | None:
-    value = doc.get("dirs")
+def _dirs(value: object) -> tuple[tuple[str, int], ...] | None:
+    """The recorded [path, ctime] pairs as tuples; ValueError unless they are exactly that."""
     if value is None:
         return None
-    if not isinstance(value, list):
+    if type(value) is not list:
         raise ValueError("dirs is not a list")
     out = []
     for item in value:
-        if not isinstance(item, list) or len(item) != 2 or type(item[1]) is not int:  # bool is not int here
+        if type(item) is not list or len(item) != 2 or type(item[1]) is not int:  # bool is not int here
             raise ValueError("dirs holds something other than [path, ctime] pairs")
         out.append((item[0], item[1]))
     if not all_valid_paths([p for p, _ in out if p != "."]):
@@ -189,7 +187,7 @@ def unchanged(diff: str, dirs: Sequence[tuple[str, int]], dir_fd: int | None = N
         except OSError:
             return False
         now = st.st_ctime_ns
-        if not stat.S_ISDIR(st.st_mode) or (now != ctime and not _same_time(now, ctime)):
+        if st.st_mode & _S_IFMT != _S_IFDIR or (now != ctime and not _same_time(now, ctime)):
             return False
     return True
 
@@ -208,26 +206,39 @@ def load(layer_dir: str, layer_id: str, dir_fd: int | None = None,
     `layer_dir` may be relative to `dir_fd` (the store's overlay2, see
     mobynit.core.store); `diff_stat` is the lstat of its diff/ the store already made."""
     try:
-        raw = read_file(facts_path(layer_dir), FACTS_LIMIT, dir_fd=dir_fd)
-        doc = jsonio.loads(raw)
-        if not isinstance(doc, dict) or doc.get("version") != FACTS_VERSION or doc.get("id") != layer_id:
+        doc = jsonio.loads(read_file(facts_path(layer_dir), FACTS_LIMIT, dir_fd=dir_fd))
+    except (StoreError, ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return from_doc(doc, layer_dir, layer_id, dir_fd, diff_stat)
+
+
+def from_doc(doc: object, layer_dir: str, layer_id: str, dir_fd: int | None = None,
+             diff_stat: os.stat_result | None = None) -> LayerFacts | None:
+    """A facts document, read from its file or embedded in a container summary, checked
+    the one way: current version, this layer's id, every type, and not stale; else None."""
+    try:
+        if type(doc) is not dict or doc.get("version") != FACTS_VERSION or doc.get("id") != layer_id:
             return None
-        paths = doc.get("paths")
-        xattrs = doc.get("xattrs")
-        if not isinstance(xattrs, list) or not all_valid_paths([p for p in xattrs if p != "."]):
+        whiteouts, opaques, xattrs, paths = doc.get("whiteouts"), doc.get("opaques"), doc.get("xattrs"), doc.get("paths")
+        if type(whiteouts) is not list or type(opaques) is not list or type(xattrs) is not list:
             return None
-        dirs = _dirs(doc)
+        if paths is not None and type(paths) is not list:
+            return None
+        # Every path of every list checked in one pass ("." may only stand in xattrs, for the layer's root).
+        if not all_valid_paths([*whiteouts, *opaques, *(p for p in xattrs if p != "."), *(paths or ())]):
+            return None
+        dirs = _dirs(doc.get("dirs"))
         if dirs is not None and not unchanged(f"{layer_dir}/diff", dirs, dir_fd, diff_stat):
             return None
         return LayerFacts(
-            whiteouts=_paths(doc, "whiteouts"),
-            opaques=_paths(doc, "opaques"),
+            whiteouts=tuple(whiteouts),
+            opaques=tuple(opaques),
             xattrs=tuple(xattrs),
-            paths=None if paths is None else frozenset(_paths(doc, "paths")),
+            paths=None if paths is None else frozenset(paths),
             dirs=dirs,
         )
-    except (StoreError, ValueError, UnicodeDecodeError, RecursionError):
-        return None
+    except (StoreError, ValueError, UnicodeDecodeError, RecursionError, TypeError):
+        return None  # TypeError: an unhashable item in dirs' paths, say
 
 
 def index(layers: Iterable[tuple[str, str]], force: bool = False) -> list[str]:

@@ -23,26 +23,31 @@ class Record:
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         fields = self.__slots__
-        if args:
-            if len(args) > len(fields):
-                raise TypeError(f"{type(self).__name__} takes {len(fields)} fields")
-            for key, value in zip(fields, args):
-                if key in kwargs:
-                    raise TypeError(f"{type(self).__name__}: field {key!r} given twice")
-                kwargs[key] = value
-        if self._defaults:
-            for key, value in self._defaults.items():
-                kwargs.setdefault(key, value)
-        if len(kwargs) != len(fields):
-            unknown = set(kwargs) - set(fields)
-            missing = set(fields) - set(kwargs)
-            raise TypeError(f"{type(self).__name__}: unknown fields {sorted(unknown)}, missing {sorted(missing)}")
+        if args or len(kwargs) != len(fields):  # every field by name is the common case, on the boot path
+            kwargs = self._complete(args, kwargs)
         setter = object.__setattr__
         try:
             for key in fields:
                 setter(self, key, kwargs[key])
         except KeyError as e:
             raise TypeError(f"{type(self).__name__}: unknown field given instead of {e}") from None
+
+    def _complete(self, args: tuple[object, ...], kwargs: dict[str, object]) -> dict[str, object]:
+        """Every field by name: the positional ones named, the defaults added, anything else refused."""
+        fields = self.__slots__
+        if len(args) > len(fields):
+            raise TypeError(f"{type(self).__name__} takes {len(fields)} fields")
+        for key, value in zip(fields, args):
+            if key in kwargs:
+                raise TypeError(f"{type(self).__name__}: field {key!r} given twice")
+            kwargs[key] = value
+        for key, value in self._defaults.items():
+            kwargs.setdefault(key, value)
+        if len(kwargs) != len(fields):
+            unknown = set(kwargs) - set(fields)
+            missing = set(fields) - set(kwargs)
+            raise TypeError(f"{type(self).__name__}: unknown fields {sorted(unknown)}, missing {sorted(missing)}")
+        return kwargs
 
     def __setattr__(self, key: str, value: object) -> None:
         raise AttributeError(f"{type(self).__name__} is frozen")

@@ -270,16 +270,22 @@ def _write(doc: dict[str, object], path: str) -> None:
 _RECORD_ONLY = frozenset(("fallbacks", "timings_ms", "attempts", "boot"))
 
 
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
+
 def _plain(value: object) -> object:
-    """A record's value as JSON data: records become objects, tuples lists."""
+    """A record's value as JSON data: records become objects, tuples lists. Scalars are
+    passed through without a call each: a plan's mounts list 500 layer paths."""
+    if type(value) in _SCALARS:
+        return value
     if isinstance(value, Entry):
         return value.as_json()
     if isinstance(value, Record):
         return {k: _plain(getattr(value, k)) for k in value.__slots__}
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [v if type(v) in _SCALARS else _plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: v if type(v) in _SCALARS else _plain(v) for k, v in value.items()}
     return value
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
     from mobynit.core.facts import LayerFacts
+    from mobynit.core.model import KernelModules
 
 HEX = frozenset("0123456789abcdef")
 LINK_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -213,7 +214,7 @@ class Store:
             name=name,
             labels=labels,
             state=state,
-            layers=self.layers(cid),
+            layers=self._layers(cid),  # container() and scan() hold the descriptors
             overlay2=self.overlay2,
             config=path,
         )
@@ -324,12 +325,13 @@ class Store:
         # and build the strings a fault needs only when there is one.
         if is_dir:
             try:
-                raw = read_file(f"{name}/config.v2.json", CONFIG_LIMIT, dir_fd=fd,
-                                display=f"{self.containers}/{name}/config.v2.json", device=self.device())
+                raw = read_file(f"{name}/config.v2.json", CONFIG_LIMIT, dir_fd=fd, base=self.containers,
+                                device=self._device)  # set: the descriptor `fd` was opened through device()
             except StoreError as e:
                 return Extension(id=name, name=_short(name), container=None, modules=None, fault=str(e))
-            if label.MARKERS[0] not in raw and label.MARKERS[1] not in raw:  # plainly not an extension
-                return None
+            # Both markers start with "io.balena.": most applications carry neither, found in one search.
+            if _MARKER_HEAD not in raw or (label.MARKERS[0] not in raw and label.MARKERS[1] not in raw):
+                return None  # plainly not an extension
         if not is_dir:
             shown = f"{self.containers}/{printable(name)}"  # a planted name must not forge console lines
             return Extension(id=name, name=_short(name), container=None, modules=None,
@@ -345,10 +347,10 @@ class Store:
             if not wanted(labels):
                 return None
             container = self._load(name, path, parsed)  # inside scan's call: its descriptors
-            from mobynit.core.layers import probe_modules, read_extension_release  # only stores with extensions
-
-            dirs = [layer.path for layer in container.layers]
-            known = [layer.facts for layer in container.layers]
+            layers = container.layers
+            dirs = [layer.path for layer in layers]
+            known = [layer.facts for layer in layers]
+            probe_modules, read_extension_release = _layer_lookups()
             modules = probe_modules(dirs, release, known)
             release_file = read_extension_release(dirs, cname, known)
         except StoreError as e:
@@ -358,6 +360,22 @@ class Store:
             id=name, name=cname, container=container, modules=modules, fault=None, release=ext_release,
             release_name=release_name,
         )
+
+
+_MARKER_HEAD = b"io.balena."  # the head of both labels.MARKERS (tests/unit/test_speed_paths.py holds it so)
+
+
+def _layer_lookups() -> tuple[Callable[..., KernelModules | None], Callable[..., tuple[str, dict[str, str]] | None]]:
+    """mobynit.core.layers's two lookups, imported at the first extension (a store of applications never needs them)."""
+    global _LOOKUPS
+    if _LOOKUPS is None:
+        from mobynit.core.layers import probe_modules, read_extension_release
+
+        _LOOKUPS = (probe_modules, read_extension_release)
+    return _LOOKUPS
+
+
+_LOOKUPS: tuple[Callable[..., KernelModules | None], Callable[..., tuple[str, dict[str, str]] | None]] | None = None
 
 
 def _present(path: str) -> bool:

@@ -44,6 +44,12 @@ def test_the_joined_path_check_is_the_path_by_path_rule(items: list[object]) -> 
     assert facts.all_valid_paths(items) == all(_one_by_one(p) for p in items)
 
 
+def test_the_one_marker_search_finds_both_labels() -> None:
+    from mobynit.core import labels, store
+
+    assert all(marker.startswith(store._MARKER_HEAD) for marker in labels.MARKERS)
+
+
 def test_the_path_check_examples() -> None:
     assert facts.all_valid_paths([]) and facts.all_valid_paths(["usr", "usr/share/x", "...", ".a"])
     for bad in ("", "/usr", "usr/", "a//b", ".", "..", "a/./b", "a/..", "a\0b", 1, None):
