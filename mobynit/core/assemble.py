@@ -48,8 +48,9 @@ def find_extensions(
     images: Mounts | None = None,
 ) -> tuple[list[Extension], str | None, str | None]:
     """(extensions, disabled_by, disabled_reason): the data store's extension
-    containers, then the data partition's sysext images (mobynit.core.images,
-    raw ones mounted in `images`); nothing is read when extensions are off.
+    containers, then, given where to mount them (`images`, from image_mounts),
+    the data partition's sysext images (mobynit.core.images); nothing is read
+    when extensions are off.
 
     `data_reason` says why there is no data partition, when the caller knows
     (boot): it becomes the one line about it.
@@ -72,8 +73,8 @@ def find_extensions(
         found = Store(where.data_store).scan(label.is_extension, kernel_release)
     except StoreError as e:  # a `docker` that is a file, a directory the file system cannot read
         return [], None, f"extension store unreadable ({e}): hostapp only"
-    if where.images is not None and os.path.lexists(where.images):
-        from mobynit.core.images import find as find_images  # only partitions that hold images
+    if images is not None and where.images is not None:  # image_mounts found the directory
+        from mobynit.core.images import find as find_images
 
         found += find_images(where.images, os.stat(where.data).st_dev, images, kernel_release)
     return found, None, None
@@ -125,8 +126,9 @@ def select(
     where: StorePaths, cmdline: Cmdline, kernel_release: str, *, extensions: bool = True,
     timings: dict[str, float] | None = None, data_reason: str | None = None, images: Mounts | None = None,
 ) -> Selection:
-    """Read and decide. Raw sysext images are mounted in `images` to be read; without
-    it they are refused with a line (`mobynit index` and `mount` leave them alone)."""
+    """Read and decide. The data partition's sysext images are read only given
+    `images`, where raw ones are mounted to be read (`mobynit index` and `mount`
+    leave them alone)."""
     t0 = time.perf_counter()
     hostapp = read_hostapp(where)
     if extensions:
@@ -427,8 +429,7 @@ def index_stores(where: StorePaths, kernel_release: str, force: bool = False) ->
     from mobynit.core import facts
 
     sel = select(where, Cmdline(""), kernel_release)
-    containers = [sel.hostapp] + [d.extension.container for d in sel.decisions
-                                  if d.extension.container and d.extension.image is None]  # images: walked at boot
+    containers = [sel.hostapp] + [d.extension.container for d in sel.decisions if d.extension.container]
     layers = {layer.id: os.path.dirname(layer.path) for c in containers for layer in c.layers}
     try:
         written = facts.index(sorted(layers.items()), force=force)

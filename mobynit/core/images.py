@@ -125,7 +125,7 @@ def image_id(name: str, st: os.stat_result) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def find(directory: str, device: int, mounts: Mounts | None, kernel_release: str) -> list[Extension]:
+def find(directory: str, device: int, mounts: Mounts, kernel_release: str) -> list[Extension]:
     """Every image in `directory` (on the partition `device`), each an Extension,
     refused ones with their fault; usable ones ranked, the highest version on top.
     Nothing raises: an unreadable directory is one faulted entry."""
@@ -167,7 +167,7 @@ def _refused(path: str, fault: str, name: str | None = None, kind: str | None = 
                      image=kind or "image")
 
 
-def _one(directory: str, dir_fd: int, entry: str, device: int, mounts: Mounts | None,
+def _one(directory: str, dir_fd: int, entry: str, device: int, mounts: Mounts,
          kernel_release: str) -> Extension | None:
     path = f"{directory}/{entry}"
     said = f"{shown(directory, 1000)}/{shown(entry)}"  # the operator's directory whole, the entry's name capped
@@ -203,8 +203,6 @@ def _one(directory: str, dir_fd: int, entry: str, device: int, mounts: Mounts | 
         fs, fault = sysext.classify(said, head, fst.st_size, gpt)
         if fs is None:
             return _refused(path, fault or f"{said}: not an image", name)
-        if mounts is None:
-            return _refused(path, f"{said}: not mounted (reading an image needs a work directory)", name, fs)
         try:
             top = mounts.mount(fd, fs)
         except OSError as e:
