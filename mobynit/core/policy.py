@@ -8,7 +8,6 @@ decides, and sorts the decisions into the order the mount stacks them.
 
 from __future__ import annotations
 
-from mobynit.core import compat
 from mobynit.core import labels as label
 from mobynit.core.errors import shown
 from mobynit.core.model import NORMAL, OVERRIDE, SYSEXT, Decision, Record
@@ -117,6 +116,8 @@ def decide(ext: Extension, kernel_release: str, abi_token: str | None, host: Hos
     else:
         reason = kernel_verdict(labels, ext.modules, kernel_release, abi_token)
         if reason is None and host is not None:
+            from mobynit.core import compat  # a host is only made when there are extensions
+
             reason = compat.sysext_verdict(ext.release_name or ext.name, ext.release, host.os_release, host.architecture)
             mismatch = compat.os_version_verdict(labels, host.os_release.get("VERSION_ID"))
             if reason is None and mismatch is not None:
