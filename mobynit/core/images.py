@@ -198,9 +198,7 @@ def _one(directory: str, dir_fd: int, entry: str, device: int, mounts: Mounts,
         fst = os.fstat(fd)
         if fst.st_mode & _S_IFMT != _S_IFREG or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
             return _refused(path, f"{said}: changed while being read", name)
-        head = os.pread(fd, sysext.HEAD, 0)
-        gpt = os.pread(fd, 8, 512) == b"EFI PART" or os.pread(fd, 8, 4096) == b"EFI PART"
-        fs, fault = sysext.classify(said, head, fst.st_size, gpt)
+        fs, fault = sysext.identify_open(fd, said, fst.st_size)
         if fs is None:
             return _refused(path, fault or f"{said}: not an image", name)
         try:
@@ -226,10 +224,9 @@ def _describe(path: str, said: str, name: str, kind: str, top: str, ident: str, 
     def refused(why: str) -> Extension:
         return _refused(path, f"{said}: {why}", name, kind)
 
-    has, refusal, _ = sysext.content(top, sysext.HIERARCHIES)
+    has, refusal, outside = sysext.content(top, sysext.HIERARCHIES)
     if refusal is not None:
         return refused(refusal)
-    outside = sysext.outside_of(top, sysext.HIERARCHIES)  # content() listed it already: it can be read
     if outside:
         return refused(f"holds {shown(', '.join(outside[:5]), 120)} outside {', '.join(sysext.HIERARCHIES)}:"
                        " at boot an image joins the root whole, so it may hold only those (merge it live instead)")

@@ -118,13 +118,18 @@ def identify(path: str) -> tuple[str | None, str | None]:
     except OSError as e:
         return None, f"{path}: cannot open: {e.strerror}"
     try:
-        size = os.fstat(fd).st_size
-        head = os.pread(fd, HEAD, 0)
-        gpt = os.pread(fd, 8, 512) == b"EFI PART" or os.pread(fd, 8, 4096) == b"EFI PART"
+        return identify_open(fd, path, os.fstat(fd).st_size)
     except OSError as e:
         return None, f"{path}: cannot read: {e.strerror}"
     finally:
         os.close(fd)
+
+
+def identify_open(fd: int, path: str, size: int) -> tuple[str | None, str | None]:
+    """`identify` of the image open as `fd` (`size` bytes long, `path` as it is to be
+    named); raises OSError when it cannot be read."""
+    head = os.pread(fd, HEAD, 0)
+    gpt = os.pread(fd, 8, 512) == b"EFI PART" or os.pread(fd, 8, 4096) == b"EFI PART"
     return classify(path, head, size, gpt)
 
 
@@ -197,12 +202,12 @@ def _other_releases(directory: str) -> list[str]:
         return []
 
 
-def content(top: str, hierarchies: Sequence[str]) -> tuple[list[str], str | None, str | None]:
-    """(the hierarchies the image has, refusal, warning).
+def content(top: str, hierarchies: Sequence[str]) -> tuple[list[str], str | None, list[str]]:
+    """(the hierarchies the image has, refusal, its top-level entries outside them).
 
     A hierarchy inside the image must be a real directory: a symlink there is
     refused. Top-level entries outside every hierarchy are not merged (as in
-    systemd-sysext); the warning names them.
+    systemd-sysext): `outside_warning` says so; at boot they refuse the image.
     """
     has: list[str] = []
     for h in hierarchies:
@@ -212,26 +217,25 @@ def content(top: str, hierarchies: Sequence[str]) -> tuple[list[str], str | None
         except FileNotFoundError:
             continue
         except OSError as e:
-            return [], f"{h.lstrip('/')}: {e.strerror}", None
+            return [], f"{h.lstrip('/')}: {e.strerror}", []
         if stat.S_ISLNK(st.st_mode):
-            return [], f"{h.lstrip('/')} is a symlink (it could point out of the image), not followed", None
+            return [], f"{h.lstrip('/')} is a symlink (it could point out of the image), not followed", []
         if not stat.S_ISDIR(st.st_mode):
-            return [], f"{h.lstrip('/')} is not a directory", None
+            return [], f"{h.lstrip('/')} is not a directory", []
         has.append(h)
-    try:
-        outside = outside_of(top, hierarchies)
-    except OSError as e:
-        return [], f"cannot list it: {e.strerror}", None
-    warning = None
-    if outside:
-        warning = f"files outside {', '.join(hierarchies)} are not merged: {shown(', '.join(outside[:5]), 120)}"
-    return has, None, warning
-
-
-def outside_of(top: str, hierarchies: Sequence[str]) -> list[str]:
-    """The image's top-level entries that no hierarchy starts with, sorted; raises OSError."""
     firsts = {h.strip("/").split("/")[0] for h in hierarchies}
-    return sorted(n for n in os.listdir(top) if n not in firsts)
+    try:
+        outside = sorted(n for n in os.listdir(top) if n not in firsts)
+    except OSError as e:
+        return [], f"cannot list it: {e.strerror}", []
+    return has, None, outside
+
+
+def outside_warning(outside: Sequence[str], hierarchies: Sequence[str]) -> str | None:
+    """A live merge's line about the entries `content` found outside the hierarchies."""
+    if not outside:
+        return None
+    return f"files outside {', '.join(hierarchies)} are not merged: {shown(', '.join(outside[:5]), 120)}"
 
 
 def verdict(name: str, top: str, host_release: Mapping[str, str], host_arch: str) -> str | None:

@@ -25,6 +25,7 @@ class OnDemand:
     def __init__(self, listing: str = ON_DEMAND) -> None:
         self.listing = listing
         self.loaded: set[str] = set()
+        self.lines: list[tuple[str, str]] | None = None  # the listing, read at the first image
 
     def __call__(self, kind: str) -> None:
         for wanted, file in self._lines():
@@ -33,6 +34,11 @@ class OnDemand:
                 self.loaded.add(file)
 
     def _lines(self) -> list[tuple[str, str]]:
+        if self.lines is None:
+            self.lines = self._read()
+        return self.lines
+
+    def _read(self) -> list[tuple[str, str]]:
         try:
             with open(self.listing, encoding="utf-8") as f:
                 words = [line.split() for line in f]

@@ -100,7 +100,8 @@ def build(s: Settings, hierarchies: Sequence[str], generation: int, log: Callabl
                     c = attrs.evolve(c, fault=f"{image.path}: the kernel refuses it as {image.kind}"
                                                     f" ({os.strerror(e.errno) if e.errno else e})")
             if c.fault is None:
-                has, refusal, warning = sysext.content(top, hierarchies)
+                has, refusal, outside = sysext.content(top, hierarchies)
+                warning = sysext.outside_warning(outside, hierarchies)
                 refusal = (refusal or sysext.verdict(image.name, top, host, arch)
                            or images.kernel_refusal(top, s.kernel_release, abi_token))
                 if refusal is not None:
