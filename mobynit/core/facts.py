@@ -118,7 +118,7 @@ def facts_path(layer_dir: str) -> str:
 
 
 def to_doc(layer_id: str, facts: LayerFacts) -> dict[str, object]:
-    """The document `save` writes (and a container summary embeds, mobynit.core.summary)."""
+    """The document `save` writes and `load` reads."""
     return {
         "version": FACTS_VERSION,
         "id": layer_id,
@@ -214,8 +214,8 @@ def load(layer_dir: str, layer_id: str, dir_fd: int | None = None,
 
 def from_doc(doc: object, layer_dir: str, layer_id: str, dir_fd: int | None = None,
              diff_stat: os.stat_result | None = None) -> LayerFacts | None:
-    """A facts document, read from its file or embedded in a container summary, checked
-    the one way: current version, this layer's id, every type, and not stale; else None."""
+    """A facts document as read from its file, checked the one way: current version,
+    this layer's id, every type, and not stale; else None."""
     try:
         if type(doc) is not dict or doc.get("version") != FACTS_VERSION or doc.get("id") != layer_id:
             return None
