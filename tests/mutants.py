@@ -101,6 +101,16 @@ MUTANTS = [
            "        if False:", "tests/unit/test_speed_paths.py"),
     Mutant("facts-path-dotdot-allowed", "mobynit/core/facts.py", 'and "/../" not in wrapped', "",
            "tests/unit/test_speed_paths.py"),
+    # the store read shared out among processes: what one process would have read, in its order
+    Mutant("fanout-failed-slice-dropped", "mobynit/core/fanout.py",
+           "results.extend(got if got is not None else (work(item) for item in items[first:end]))",
+           "results.extend(got or ())", "tests/unit/test_fanout.py"),
+    Mutant("fanout-slices-overlap", "mobynit/core/fanout.py",
+           "_fork(work, items, bounds[k], bounds[k + 1], encode, children)",
+           "_fork(work, items, bounds[k] - 1, bounds[k + 1], encode, children)", "tests/unit/test_fanout.py"),
+    Mutant("fanout-child-field-lost", "mobynit/core/store.py",
+           "                     release_name=release_name, image=None, rank=None)",
+           "                     release_name=None, image=None, rank=None)", "tests/unit/test_fanout.py"),
     # the state on the data partition, and the work directory
     Mutant("attempts-dir-followed", "mobynit/core/fileio.py",
            "                inner = os.open(part, _O_DIR, dir_fd=fd)\n            except FileNotFoundError:",

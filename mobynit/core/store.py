@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import os
 
-from mobynit.core import jsonio
+from mobynit.core import fanout, jsonio
 from mobynit.core import labels as label
 from mobynit.core.errors import StoreError
 from mobynit.core.errors import shown as printable
+from mobynit.core.facts import LayerFacts
 from mobynit.core.facts import load as load_facts
 from mobynit.core.fileio import check_dir, read_file, read_text, readlink, require_dir
-from mobynit.core.model import Container, Extension, Layer
+from mobynit.core.model import Container, Extension, KernelModules, Layer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
-    from mobynit.core.facts import LayerFacts
-    from mobynit.core.model import KernelModules
 
 HEX = frozenset("0123456789abcdef")
 LINK_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
@@ -288,8 +287,11 @@ class Store:
             raise StoreError(f"{link_path}: points to {target[:120]!r}, not ../<layer id>/diff")
         return lid, f"l/{link}"
 
-    def scan(self, wanted: Callable[[Mapping[str, str]], bool], release: str) -> list[Extension]:
-        """Every container whose labels make it `wanted`, each read on its own.
+    def scan(self, wanted: Callable[[Mapping[str, str]], bool], release: str,
+             processes: int | None = None) -> list[Extension]:
+        """Every container whose labels make it `wanted`, each read on its own;
+        a store of many containers is read by up to `processes` processes
+        (default: one per CPU; mobynit.core.fanout), with the same result.
 
         A container that cannot be read but looks like an extension comes back
         with a `fault`; one that is plainly an application is not returned.
@@ -309,12 +311,11 @@ class Store:
                     names = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in entries)
             except OSError as e:
                 raise StoreError(f"{self.containers}: cannot read: {e.strerror}") from None
-            found: list[Extension] = []
-            for name, is_dir in names:
-                ext = self._scan_one(fd, name, is_dir, wanted, release)
-                if ext is not None:
-                    found.append(ext)
-            return found
+            def read(entry: tuple[str, bool]) -> Extension | None:
+                return self._scan_one(fd, entry[0], entry[1], wanted, release)
+
+            found = fanout.each(read, names, _plain, _from_plain, processes)
+            return [ext for ext in found if ext is not None]
         finally:
             self._leave()
 
@@ -360,6 +361,45 @@ class Store:
             id=name, name=cname, container=container, modules=modules, fault=None, release=ext_release,
             release_name=release_name,
         )
+
+
+def _plain(ext: Extension | None) -> object:
+    """`ext` as marshal carries it, for fanout (a store's extension only: no image, no rank)."""
+    if ext is None:
+        return None
+    c, m = ext.container, ext.modules
+    container = None if c is None else (
+        c.id, c.name, c.labels, c.state, c.overlay2, c.config,
+        tuple((la.id, la.path, la.link, None if la.facts is None else _facts_plain(la.facts)) for la in c.layers),
+    )
+    modules = None if m is None else (m.release, m.symvers_sha256)
+    return ext.id, ext.name, container, modules, ext.fault, ext.release, ext.release_name
+
+
+def _facts_plain(f: LayerFacts) -> tuple[object, ...]:
+    return f.whiteouts, f.opaques, f.xattrs, f.paths, f.dirs
+
+
+def _from_plain(value: object) -> Extension | None:
+    """The inverse of _plain."""
+    if value is None:
+        return None
+    eid, name, c, m, fault, release, release_name = value  # type: ignore[misc]
+    container = None
+    if c is not None:
+        cid, cname, labels, state, overlay2, config, layers = c
+        container = Container(id=cid, name=cname, labels=labels, state=state, overlay2=overlay2, config=config,
+                              layers=tuple(Layer(id=lid, path=path, link=link,
+                                                 facts=None if f is None else _facts_from_plain(f))
+                                           for lid, path, link, f in layers))
+    modules = None if m is None else KernelModules(release=m[0], symvers_sha256=m[1])
+    return Extension(id=eid, name=name, container=container, modules=modules, fault=fault, release=release,
+                     release_name=release_name, image=None, rank=None)
+
+
+def _facts_from_plain(f: tuple[object, ...]) -> LayerFacts:
+    whiteouts, opaques, xattrs, paths, dirs = f
+    return LayerFacts(whiteouts=whiteouts, opaques=opaques, xattrs=xattrs, paths=paths, dirs=dirs)
 
 
 _MARKER_HEAD = b"io.balena."  # the head of both labels.MARKERS (tests/unit/test_speed_paths.py holds it so)

@@ -22,7 +22,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from mobynit.core import syscalls
+from mobynit.core import fanout, syscalls
+from mobynit.core import labels as label
+from mobynit.core.store import Store
 from mobynit.tools import cli
 from tests.fuzz.arena import CANARY, DATA_LEVELS, Arena, real_dir
 from tests.harness import mounts
@@ -88,6 +90,40 @@ def run_assemble(a: Arena, variant: Variant) -> tuple[subprocess.CompletedProces
     )
     doc = json.loads(record.read_text()) if record.exists() else None
     return proc, doc
+
+
+def check_fanout(a: Arena, release: str) -> int:
+    """The store read shared out among three processes (forced: no probe, any amount of
+    work) is the one-process read, extension for extension and fault for fault; returns
+    how many children it forked, which a listable `containers` of 3 entries or more makes 2."""
+    forks: list[int] = []
+    real_fork = fanout._fork
+
+    def counted(*args):  # type: ignore[no-untyped-def]
+        forks.append(1)
+        return real_fork(*args)
+
+    saved = fanout.PROBE, fanout.WORTH, fanout._fork
+    fanout.PROBE, fanout.WORTH, fanout._fork = 1, 0.0, counted
+    try:
+        with _deadline(PLAN_TIMEOUT):
+            alone = _scan(a, release, 1)
+            shared = _scan(a, release, 3)
+    finally:
+        fanout.PROBE, fanout.WORTH, fanout._fork = saved
+    assert shared == alone, f"the store read shared out among processes differs from the one-process read:\n{shared}\n{alone}"
+    containers = a.store / "containers"
+    if real_dir(str(a.store)) and real_dir(str(containers)) and len(os.listdir(containers)) >= 3:
+        assert len(forks) == 2, f"the read was not shared out ({len(forks)} children)"
+    return len(forks)
+
+
+def _scan(a: Arena, release: str, processes: int) -> list[object] | str:
+    """The extensions the store read finds, or the one error it raises."""
+    try:
+        return Store(str(a.store)).scan(label.is_extension, release, processes=processes)  # type: ignore[return-value]
+    except Exception as e:  # a StoreError for the whole store: the same one either way
+        return f"{type(e).__name__}: {e}"
 
 
 def detach(a: Arena) -> None:

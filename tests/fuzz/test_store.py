@@ -29,6 +29,9 @@ Extension side (the data store), asserted for every example:
   the hostapp's mount, of the data store for an extension's; relative lower
   dirs are `l/<26 [A-Z0-9]>` or `<64 hex>/diff`; absolute ones not in a store
   are in the work directory;
+- the store read shared out among processes (mobynit.core.fanout, forced)
+  finds what the one-process read finds, fault for fault, and really did
+  fork whenever `containers` lists three entries or more;
 - `plan` as text encodes as strict UTF-8 and has exactly one line per item;
 - `assemble` exits 0, no traceback, every stderr line is `mobynit: ...`;
   the root holds the hostapp's files (unless a facts document the reader
@@ -61,8 +64,8 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz.arena import Arena, snapshot
-from tests.fuzz.checks import (DEFAULT, VARIANTS, Variant, check_assembled, check_decisions, check_mounts,
-                               check_text, detach, one_error, run_assemble, run_plan, tree)
+from tests.fuzz.checks import (DEFAULT, VARIANTS, Variant, check_assembled, check_decisions, check_fanout,
+                               check_mounts, check_text, detach, one_error, run_assemble, run_plan, tree)
 from tests.fuzz.corruptions import (NODE_KINDS, SYMLINK_KINDS, _hostile_bytes, _id_text, _json_value, _link_target,
                                     _lower_entry, _name_text, JSON_PATHS, apply, apply_hostapp, corruption,
                                     hostapp_corruption)
@@ -133,6 +136,7 @@ def test_hostile_extension_store(arena: Arena, corruptions: list[tuple], variant
         event(f"extensions included: {sum(e['included'] for e in doc['extensions'])} of {len(doc['extensions'])}")
         check_decisions(a, doc)
         check_mounts(a, doc)
+        event(f"store read shared out: {check_fanout(a, variant[0]) > 0}")
         status, text, err = run_plan(a, variant)
         assert status == 0, err
         check_text(text, doc)

@@ -24,6 +24,7 @@ ISLAND = ("core", "initrd")
 ALLOWED = {
     "__future__": "annotations",
     "os": "everything", "stat": "file types", "sys": "streams", "time": "timings", "errno": "error numbers",
+    "marshal": "results of a store read shared out among CPUs (mobynit.core.fanout); built in",
     "gc": "a short-lived run turns the cyclic collector off (mobynit.core.process)",
     "_json": "the C JSON scanner and encoder (mobynit.core.jsonio), without json's re",
     "fcntl": "the work directory's lock", "select": "waiting for uevents", "socket": "the uevent netlink socket", "struct": "superblocks and partition tables",

@@ -1,0 +1,259 @@
+"""Work shared out by fork (mobynit.core.fanout): the results and their order are
+those of one process, whatever a child does, and no child outlives a call or
+goes on past it.
+
+Each result carries the pid of the process that made it, so the tests see
+that the work really was shared out (or really was not), and by whom a
+failed child's slice was done again.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import subprocess
+import sys
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mobynit.core import fanout
+
+PARENT = os.getpid()
+
+
+def square(i: int) -> tuple[int, int]:
+    return i * i, os.getpid()
+
+
+def ident(value: object) -> object:
+    return value
+
+
+def spread(work: Callable[[int], tuple[int, int]], count: int, processes: int, **kw: object) -> list[tuple[int, int]]:
+    return fanout.each(work, list(range(count)), ident, ident, processes=processes, worth=0.0, **kw)  # type: ignore[arg-type]
+
+
+def children() -> list[str]:
+    """This process's children, as the kernel lists them."""
+    return [c for task in Path("/proc/self/task").iterdir() for c in (task / "children").read_text().split()]
+
+
+@pytest.fixture(autouse=True)
+def no_child_left() -> Iterator[None]:
+    yield
+    fanout.each(square, [], ident, ident)  # collects children still exiting from the test's last call
+    assert children() == []
+
+
+@pytest.mark.parametrize("count", [17, 40, 333])
+@pytest.mark.parametrize("processes", [2, 3, 5])
+def test_the_results_are_those_of_one_process_in_order(count: int, processes: int) -> None:
+    results = spread(square, count, processes)
+    assert [r[0] for r in results] == [i * i for i in range(count)]
+    pids = {r[1] for r in results}
+    left = count - max(fanout.PROBE, count // 16)  # after the items that measure the work
+    assert PARENT in pids and len(pids) == max(1, min(processes, left))  # shared out: every process made some
+
+
+def test_one_process_or_little_work_forks_nothing() -> None:
+    assert {r[1] for r in spread(square, 300, 1)} == {PARENT}
+    few = fanout.each(square, list(range(fanout.PROBE)), ident, ident, processes=4, worth=0.0)
+    assert {r[1] for r in few} == {PARENT}
+    # Work worth less than `worth` seconds a process is not shared out.
+    cheap = fanout.each(square, list(range(300)), ident, ident, processes=4, worth=60.0)
+    assert [r[0] for r in cheap] == [i * i for i in range(300)] and {r[1] for r in cheap} == {PARENT}
+
+
+def test_the_estimate_shares_out_costly_work_only() -> None:
+    import time
+
+    def slow(i: int) -> tuple[int, int]:
+        time.sleep(0.002)
+        return square(i)
+
+    results = fanout.each(slow, list(range(40)), ident, ident, processes=2, worth=0.01)
+    assert [r[0] for r in results] == [i * i for i in range(40)] and len({r[1] for r in results}) == 2
+    # The slowest probed item is left out of the estimate (a first-use import, say).
+    calls = []
+
+    def first_slow(i: int) -> tuple[int, int]:
+        calls.append(i)
+        if len(calls) == 1:
+            time.sleep(0.2)
+        return square(i)
+
+    results = fanout.each(first_slow, list(range(40)), ident, ident, processes=2, worth=0.01)
+    assert {r[1] for r in results} == {PARENT}
+
+
+def _in_child(action: Callable[[], None], at: int) -> Callable[[int], tuple[int, int]]:
+    def work(i: int) -> tuple[int, int]:
+        if os.getpid() != PARENT and i == at:
+            action()
+        return square(i)
+    return work
+
+
+def _kill() -> None:
+    os.kill(os.getpid(), 9)
+
+
+def _raise() -> None:
+    raise RuntimeError("a bug in the child")
+
+
+def _exit() -> None:
+    raise SystemExit(0)
+
+
+@pytest.mark.parametrize("action", [_kill, _raise, _exit], ids=["killed", "raises", "system-exit"])
+def test_a_failed_child_means_its_slice_is_done_here(action: Callable[[], None]) -> None:
+    results = spread(_in_child(action, 150), 200, 2)
+    assert [r[0] for r in results] == [i * i for i in range(200)]
+    assert {r[1] for r in results} == {PARENT}  # the child's slice redone here, all of it
+
+
+def test_a_child_whose_results_do_not_load_is_redone_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    cut = types.SimpleNamespace(dumps=lambda v: marshal.dumps(v)[:-1], loads=marshal.loads)
+    monkeypatch.setattr(fanout, "marshal", cut)
+    results = spread(square, 200, 3)
+    assert [r[0] for r in results] == [i * i for i in range(200)] and {r[1] for r in results} == {PARENT}
+
+
+def test_results_marshal_cannot_carry_or_decode_refuses_are_redone_here() -> None:
+    results = fanout.each(square, list(range(200)), lambda r: object(), ident, processes=2, worth=0.0)
+    assert {r[1] for r in results} == {PARENT}
+
+    def decode(value: object) -> object:
+        raise KeyError("no such field")
+
+    results = fanout.each(square, list(range(200)), ident, decode, processes=2, worth=0.0)
+    assert [r[0] for r in results] == [i * i for i in range(200)] and {r[1] for r in results} == {PARENT}
+
+
+def test_a_failure_here_ends_the_children() -> None:
+    def work(i: int) -> tuple[int, int]:
+        if os.getpid() == PARENT and i == 20:
+            raise RuntimeError("the parent's own slice failed")
+        return square(i)
+
+    with pytest.raises(RuntimeError, match="own slice"):
+        spread(work, 200, 3)
+    assert children() == []  # killed and collected at once
+
+
+@pytest.mark.parametrize("raised", ["SystemExit(0)", "RuntimeError('a bug')"])
+def test_a_child_never_goes_on_past_the_call(raised: str) -> None:
+    # Whatever a child raises, it ends there: only this process goes on past the call.
+    script = (
+        "import os\n"
+        "from mobynit.core import fanout\n"
+        "parent = os.getpid()\n"
+        "def work(i):\n"
+        "    if os.getpid() != parent and i > 100:\n"
+        f"        raise {raised}\n"
+        "    return i\n"
+        "try:\n"
+        "    r = fanout.each(work, list(range(300)), lambda v: v, lambda v: v, processes=3, worth=0.0)\n"
+        "except BaseException as e:\n"
+        "    r = repr(e)\n"
+        "print('went on', os.getpid() == parent, r == list(range(300)), flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, timeout=60,
+                         cwd=Path(fanout.__file__).parents[2], check=True).stdout
+    assert out == "went on True True\n"
+
+
+# --- the store read, shared out ------------------------------------------------------------------
+
+RELEASE = "6.1.0-test"
+
+
+def _hex(n: int, kind: str) -> str:
+    return (kind + f"{n:x}").rjust(64, "0")
+
+
+def _link(n: int) -> str:
+    return f"L{n:025d}"
+
+
+def _container(root: Path, n: int, labels: dict[str, str], files: dict[str, bytes], own: bool = False) -> str:
+    """A container of one image layer holding `files` (a container's own diff too, with `own`)."""
+    import json
+
+    cid, mount_id, layer = _hex(n, "c"), _hex(n, "a"), _hex(n, "b")
+    (root / "containers" / cid).mkdir(parents=True)
+    (root / "containers" / cid / "config.v2.json").write_text(json.dumps(
+        {"ID": cid, "Name": f"/ctr-{n}", "Config": {"Labels": labels}, "State": {"Dead": n % 7 == 3}}))
+    (root / "image/overlay2/layerdb/mounts" / cid).mkdir(parents=True)
+    (root / "image/overlay2/layerdb/mounts" / cid / "mount-id").write_text(mount_id)
+    (root / "overlay2" / mount_id / "diff").mkdir(parents=True)
+    if own:
+        (root / "overlay2" / mount_id / "diff" / "own-file").write_text("own")
+    (root / "overlay2" / mount_id / "lower").write_text(f"l/{_link(n)}")
+    diff = root / "overlay2" / layer / "diff"
+    diff.mkdir(parents=True)
+    for rel, data in files.items():
+        (diff / rel).parent.mkdir(parents=True, exist_ok=True)
+        (diff / rel).write_bytes(data)
+    (root / "overlay2/l").mkdir(exist_ok=True)
+    (root / "overlay2/l" / _link(n)).symlink_to(f"../{layer}/diff")
+    return cid
+
+
+def _varied_store(root: Path) -> None:
+    """Extensions of every shape the reader returns, faults among them, and applications."""
+    from mobynit.core import facts
+
+    ext = {"io.balena.image.class": "overlay"}
+    for n in range(60):
+        kind = n % 6
+        if kind == 0:
+            _container(root, n, {"app": "yes"}, {"srv/app": b"x"})
+        elif kind == 1:
+            _container(root, n, ext, {f"lib/modules/{RELEASE}/Module.symvers": f"0x{n}\tsym\n".encode()})
+        elif kind == 2:
+            _container(root, n, {**ext, "io.balena.features.kernel-abi": "x"},
+                       {f"usr/lib/extension-release.d/extension-release.ctr-{n}": b"ID=_any\n"}, own=True)
+        elif kind == 3:
+            cid = _container(root, n, ext, {"usr/share/a": b"a"})
+            (root / "image/overlay2/layerdb/mounts" / cid / "mount-id").unlink()  # a fault
+        elif kind == 4:
+            cid = _container(root, n, ext, {"usr/share/b": b"b"})
+            layer = _hex(n, "b")
+            facts.index([(layer, str(root / "overlay2" / layer))])
+        else:
+            cid = _container(root, n, ext, {f"lib/modules/{RELEASE}/x.ko": b"ko"})
+    (root / "containers" / "not-an-id").mkdir()
+    (root / "containers" / "not-an-id" / "config.v2.json").write_text('{"Config": {"Labels": {"io.balena.image.class": "overlay"}}}')
+    (root / "containers" / ("f" * 64)).write_text("a file where a directory belongs")
+
+
+def test_the_store_read_shared_out_is_the_one_process_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mobynit.core import labels
+    from mobynit.core.store import Store
+
+    root = tmp_path / "data" / "docker"
+    _varied_store(root)
+    forks = []
+    real_fork = fanout._fork
+    monkeypatch.setattr(fanout, "_fork", lambda *a: forks.append(1) or real_fork(*a))
+    monkeypatch.setattr(fanout, "WORTH", 0.0)
+    alone = Store(str(root)).scan(labels.is_extension, RELEASE, processes=1)
+    assert forks == []
+    shared = Store(str(root)).scan(labels.is_extension, RELEASE, processes=3)
+    assert len(forks) == 2
+    assert shared == alone
+    # Every kind of field came through a child: the comparison above could see each one lost.
+    found = [e for e in alone if e.container is not None]
+    assert len(alone) == 52 and len(found) == 40  # 50 extensions, 2 planted entries; 10 faults, 2 planted
+    assert sum(e.fault is not None for e in alone) == 12
+    assert {e.modules.symvers_sha256 is not None for e in found if e.modules} == {True, False}
+    assert sum(e.release is not None for e in found) == 10 and all(e.release_name for e in found if e.release)
+    assert sum(e.container.state == "Dead" for e in found) >= 4
+    assert sum(len(e.container.layers) == 2 for e in found) == 10  # the own diff on top
+    assert sum(e.container.layers[0].facts is not None and e.container.layers[0].facts.dirs is not None
+               for e in found) == 10
