@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from mobynit.core import fanout, jsonio
+from mobynit.core import jsonio
 from mobynit.core import labels as label
 from mobynit.core.errors import StoreError
 from mobynit.core.errors import shown as printable
@@ -32,6 +32,7 @@ LINK_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 LINK_LEN = 26
 CONFIG_LIMIT = 4 << 20  # a config.v2.json is a few KiB; refuse to slurp a planted giant
 SMALL_LIMIT = 4096  # mount-id, lower
+FANOUT_FROM = 32  # containers from which a scan may be shared out among CPUs (mobynit.core.fanout)
 MOUNTS = "image/overlay2/layerdb/mounts"
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _S_IFMT, _S_IFDIR = 0o170000, 0o040000  # stat.S_IFMT(mode), stat.S_IFDIR, without a call
@@ -314,7 +315,12 @@ class Store:
             def read(entry: tuple[str, bool]) -> Extension | None:
                 return self._scan_one(fd, entry[0], entry[1], wanted, release)
 
-            found = fanout.each(read, names, _plain, _from_plain, processes)
+            if len(names) < FANOUT_FROM:
+                found = [read(entry) for entry in names]
+            else:
+                from mobynit.core import fanout  # a store of a few containers never loads it
+
+                found = fanout.each(read, names, _plain, _from_plain, processes)
             return [ext for ext in found if ext is not None]
         finally:
             self._leave()

@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mobynit.core import fanout, syscalls
+from mobynit.core import store as core_store
 from mobynit.core import labels as label
-from mobynit.core.store import Store
 from mobynit.tools import cli
 from tests.fuzz.arena import CANARY, DATA_LEVELS, Arena, real_dir
 from tests.harness import mounts
@@ -93,8 +93,8 @@ def run_assemble(a: Arena, variant: Variant) -> tuple[subprocess.CompletedProces
 
 
 def check_fanout(a: Arena, release: str) -> int:
-    """The store read shared out among three processes (forced: no probe, any amount of
-    work) is the one-process read, extension for extension and fault for fault; returns
+    """The store read shared out among three processes (forced: any store, one item
+    probed, any amount of work) is the one-process read, extension for extension and fault for fault; returns
     how many children it forked, which a listable `containers` of 3 entries or more makes 2."""
     forks: list[int] = []
     real_fork = fanout._fork
@@ -103,14 +103,14 @@ def check_fanout(a: Arena, release: str) -> int:
         forks.append(1)
         return real_fork(*args)
 
-    saved = fanout.PROBE, fanout.WORTH, fanout._fork
-    fanout.PROBE, fanout.WORTH, fanout._fork = 1, 0.0, counted
+    saved = fanout.PROBE, fanout.WORTH, fanout._fork, core_store.FANOUT_FROM
+    fanout.PROBE, fanout.WORTH, fanout._fork, core_store.FANOUT_FROM = 1, 0.0, counted, 0
     try:
         with _deadline(PLAN_TIMEOUT):
             alone = _scan(a, release, 1)
             shared = _scan(a, release, 3)
     finally:
-        fanout.PROBE, fanout.WORTH, fanout._fork = saved
+        fanout.PROBE, fanout.WORTH, fanout._fork, core_store.FANOUT_FROM = saved
     assert shared == alone, f"the store read shared out among processes differs from the one-process read:\n{shared}\n{alone}"
     containers = a.store / "containers"
     if real_dir(str(a.store)) and real_dir(str(containers)) and len(os.listdir(containers)) >= 3:
@@ -121,7 +121,7 @@ def check_fanout(a: Arena, release: str) -> int:
 def _scan(a: Arena, release: str, processes: int) -> list[object] | str:
     """The extensions the store read finds, or the one error it raises."""
     try:
-        return Store(str(a.store)).scan(label.is_extension, release, processes=processes)  # type: ignore[return-value]
+        return core_store.Store(str(a.store)).scan(label.is_extension, release, processes=processes)  # type: ignore[return-value]
     except Exception as e:  # a StoreError for the whole store: the same one either way
         return f"{type(e).__name__}: {e}"
 

@@ -257,3 +257,22 @@ def test_the_store_read_shared_out_is_the_one_process_read(tmp_path: Path, monke
     assert sum(len(e.container.layers) == 2 for e in found) == 10  # the own diff on top
     assert sum(e.container.layers[0].facts is not None and e.container.layers[0].facts.dirs is not None
                for e in found) == 10
+
+
+@pytest.mark.parametrize("count, loaded", [(5, False), (40, True)])
+def test_a_store_of_a_few_containers_never_loads_the_fanout(tmp_path: Path, count: int, loaded: bool) -> None:
+    from mobynit.core import store
+
+    assert (count < store.FANOUT_FROM) is not loaded
+    root = tmp_path / "docker"
+    for n in range(count):
+        _container(root, n, {"io.balena.image.class": "overlay"}, {"usr/share/x": b"x"})
+    script = (
+        "import sys\n"
+        "from mobynit.core import labels, store\n"
+        f"found = store.Store({str(root)!r}).scan(labels.is_extension, 'r')\n"
+        "print(len(found), 'mobynit.core.fanout' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, timeout=60,
+                         cwd=Path(fanout.__file__).parents[2], check=True).stdout
+    assert out == f"{count} {loaded}\n"
