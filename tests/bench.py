@@ -8,6 +8,7 @@ on a tmpfs as /run is at boot; the root it mounts is detached after each run.
 
     sh scripts/bench.sh                    # or: .venv/bin/python -m tests.bench [--runs N]
     sh scripts/bench.sh --against main     # this tree (B) against a worktree of main (A)
+    sh scripts/bench.sh --cold ...         # the page cache dropped before every run, as at boot
 
 With --against REV, REV is checked out once as a git worktree under
 .cache/bench/, and every row runs A and B alternately (ABAB..., the order
@@ -183,9 +184,16 @@ class Row:
     included: int
 
 
+def drop_caches() -> None:
+    """Every clean page and cached inode and dentry dropped, as after power-on: a boot reads cold."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def assemble_rows(trees: list[Tree], dev: Path, release: str, runs: int, work: Path,
-                  target: Path) -> list[Row]:
-    """`runs` assembles per tree, alternating between the trees, the order flipped every other round."""
+                  target: Path, cold: bool = False) -> list[Row]:
+    """`runs` assembles per tree, alternating between the trees, the order flipped every other
+    round; with `cold`, the page cache dropped before each (the interpreter's files too)."""
     record = work.parent / "record.json"
     args = ["assemble", "--sysroot", str(dev / "sysroot"), "--data", str(dev / "data"), "--target", str(target),
             "--workdir", str(work), "--record", str(record), "--cmdline", "", "--kernel-release", release,
@@ -195,6 +203,8 @@ def assemble_rows(trees: list[Tree], dev: Path, release: str, runs: int, work: P
     for i in range(runs):
         order = list(range(len(trees))) if i % 2 == 0 else list(reversed(range(len(trees))))
         for t in order:
+            if cold:
+                drop_caches()
             walls[t].append(trees[t].run(*args))
             records[t].append(json.loads(record.read_text()))
             syscalls.umount(str(target), syscalls.MNT_DETACH)
@@ -286,6 +296,8 @@ def main() -> int:
     ap.add_argument("--kernel", choices=("both", "new", "old"), default="both",
                     help="which mount mechanism's release to plan for (default both)")
     ap.add_argument("--live-only", action="store_true", help="only the live layering rows (merge, refresh)")
+    ap.add_argument("--cold", action="store_true",
+                    help="drop the page cache before every run, as a boot reads (store, interpreter and all)")
     opts = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (mounts)", file=sys.stderr)
@@ -310,7 +322,8 @@ def main() -> int:
     work, target = scratch / "work", scratch / "root"
     target.mkdir()
 
-    print(f"launch lines (initramfs/init's flags and environment, -c code), medians of {opts.runs}:")
+    print(f"launch lines (initramfs/init's flags and environment, -c code), medians of {opts.runs}"
+          f"{', the page cache dropped before each run of the table' if opts.cold else ''}:")
     for tree in trees:
         line = " ".join([*(f"{k}={v}" for k, v in tree.launch.env), PYTHON, *tree.launch.flags, "-c", repr(tree.entry)])
         print(f"  {tree.label}: {line} assemble ...")
@@ -329,7 +342,7 @@ def main() -> int:
     print("-" * len(head))
     for (n, a), dev in devices.items():
         for release, label in releases:
-            rows = assemble_rows(trees, dev, release, opts.runs, work, target)
+            rows = assemble_rows(trees, dev, release, opts.runs, work, target, cold=opts.cold)
             b = rows[-1]
             ph = b.phases
             cells = f"{n:>10} {a:>5} {label:>7} {b.layout:>15} {b.included:>5} |"

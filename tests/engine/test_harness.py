@@ -324,6 +324,31 @@ def test_engine_runs_containers_and_stop_reaps_them(tmp_path: Path) -> None:
     assert mounts.mounts_under(str(tmp_path)) == []
 
 
+def test_the_engine_rewrites_every_config_when_it_starts(tmp_path: Path) -> None:
+    """Why no summary of a container's config can skip reading it at boot (docs/benchmark.md):
+    each engine start writes every config.v2.json anew (a new file renamed over the old one),
+    so anything keyed to the file (inode, ctime) is stale at every boot after the first."""
+    def keys(cid: str) -> tuple[int, int, int]:
+        st = (engine.data_root / "containers" / cid / "config.v2.json").stat()
+        return st.st_ino, st.st_ctime_ns, st.st_size
+
+    engine = Engine(tmp_path / "root").start()
+    try:
+        engine.import_tree(busybox_tree(tmp_path / "tree"), "bb:1")
+        cids = [engine.create("bb:1", f"c{n}") for n in range(3)]
+        before = {cid: keys(cid) for cid in cids}
+    finally:
+        engine.stop()
+    engine.start()
+    try:
+        after = {cid: keys(cid) for cid in cids}
+    finally:
+        engine.stop()
+    for cid in cids:
+        assert after[cid][0] != before[cid][0] and after[cid][1] > before[cid][1], "a config left as it was"
+        assert after[cid][2] == before[cid][2]
+
+
 def test_engine_in_its_own_namespace(tmp_path: Path) -> None:
     engine = Engine(tmp_path / "root", own_namespace=True).start()
     try:
