@@ -6,19 +6,24 @@ not help (the interpreter runs one thread at a time). `each` forks a child
 per spare CPU: each child does its own slice of the work and sends the
 results back marshalled through a pipe, while this process does the first
 slice itself; then it takes the children's results in order. The order and
-the results are exactly those of doing it all here, and any child that
-fails in any way (killed, crashed, short or unreadable output) only means
-its slice is done here after all: slower, never different.
+the results are exactly those of doing it all here, and whatever goes wrong
+with a child (the fork refused, the child killed or crashed, its output
+short or unreadable) only means its slice is done here after all: slower,
+never different.
 
 A fork and the results' way back cost about a millisecond: the first few
 items are done here first, and only when the rest would give each process
 `worth` seconds of work is it shared out (docs/benchmark.md measures where
-that pays). A child never returns into the caller: whatever happens in it
-ends with `os._exit`, so no second copy of the boot goes on.
+that pays). A child never returns into the caller: signals are blocked
+across the fork and whatever happens in the child ends with `os._exit`, so
+no second copy of the caller goes on (and, say, unmounts what it mounted).
+A child holds no descriptor once its results are sent, and every child is
+collected before `each` returns.
 """
 
 from __future__ import annotations
 
+import _signal
 import marshal
 import os
 import time
@@ -33,7 +38,8 @@ if TYPE_CHECKING:
 
 PROBE = 16  # items done here first, to learn what one costs
 WORTH = 0.006  # seconds of work a process must have for a fork to pay (docs/benchmark.md)
-_CHUNK = 1 << 20
+_PIPE_READ = 1 << 16  # a pipe holds 64 KiB
+_FD_END = 1 << 20  # above any descriptor a process of ours holds (fs.nr_open's default)
 
 
 def cpus() -> int:
@@ -58,8 +64,6 @@ def each(
 
     `encode` turns a result into what marshal can carry (tuples, dicts, strings,
     numbers, None, frozensets), `decode` turns that back into the same result."""
-    while _EXITING:
-        _reap(_EXITING.pop())  # long gone by now
     most = cpus() if processes is None else processes
     probe = max(PROBE, len(items) // 16)
     if most < 2 or len(items) <= probe:
@@ -83,43 +87,61 @@ def each(
     children: list[tuple[int, int, int, int]] = []  # (pid, read end, first item, end)
     try:
         for k in range(1, n):
-            children.append(_fork(work, items, bounds[k], bounds[k + 1], encode, children))
+            child = _fork(work, items, bounds[k], bounds[k + 1], encode)
+            if child is None:  # no fork to be had (EAGAIN, ENOMEM, EMFILE): the rest is read here
+                children.append((-1, -1, bounds[k], len(items)))
+                break
+            children.append(child)
         results.extend(work(item) for item in items[probe : bounds[1]])
         while children:
             pid, fd, first, end = children.pop(0)
-            got = _collect(pid, fd, end - first, decode)
+            got = None if pid < 0 else _collect(pid, fd, end - first, decode)
             results.extend(got if got is not None else (work(item) for item in items[first:end]))
         return results
     finally:
         for pid, fd, _, _ in children:  # only when this process failed: end the children it left
-            _end(pid, fd)
+            if pid >= 0:
+                _kill(pid, fd)
 
 
-def _fork(work: Callable[[T], R], items: Sequence[T], first: int, end: int, encode: Callable[[R], object],
-          earlier: list[tuple[int, int, int, int]]) -> tuple[int, int, int, int]:
-    """A child doing items[first:end]; (its pid, the read end of its pipe, first, end)."""
-    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+def _fork(work: Callable[[T], R], items: Sequence[T], first: int, end: int,
+          encode: Callable[[R], object]) -> tuple[int, int, int, int] | None:
+    """A child doing items[first:end]: (its pid, the read end of its pipe, first, end);
+    None when the system has no fork to give."""
+    try:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        return None
+    # Blocked across the fork, so that no signal's handler runs in the child as the caller's code.
+    mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
     try:
         pid = os.fork()
+        if pid == 0:
+            _child(work, items[first:end], encode, write_end, mask)  # never returns
     except OSError:
         os.close(read_end)
         os.close(write_end)
-        raise
-    if pid == 0:
-        status = 1
-        try:
-            os.close(read_end)
-            for _, fd, _, _ in earlier:
-                os.close(fd)
-            view = memoryview(marshal.dumps([encode(work(item)) for item in items[first:end]]))
-            while view:
-                view = view[os.write(write_end, view):]
-            os.close(write_end)  # the end of the results now, not after this process's memory is torn down
-            status = 0
-        finally:
-            os._exit(status)  # noqa: B012 - never back into the caller, whatever was raised
+        return None
+    finally:
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
     os.close(write_end)
     return pid, read_end, first, end
+
+
+def _child(work: Callable[[T], R], items: Sequence[T], encode: Callable[[R], object], out: int,
+           mask: object) -> None:
+    """The child's whole life: its slice, marshalled into `out`, then `os._exit`."""
+    try:
+        for sig in (_signal.SIGINT, _signal.SIGTERM):  # the caller's handlers would raise here: die instead
+            _signal.signal(sig, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
+        view = memoryview(marshal.dumps([encode(work(item)) for item in items]))
+        os.closerange(0, out)  # the store, the work directory's lock, ...: let go before the end of the results
+        os.closerange(out + 1, _FD_END)
+        while view:
+            view = view[os.write(out, view):]
+    finally:
+        os._exit(0)  # noqa: B012 - never back into the caller, whatever was raised; short output says the rest
 
 
 def _collect(pid: int, fd: int, count: int, decode: Callable[[object], R]) -> list[R] | None:
@@ -128,7 +150,7 @@ def _collect(pid: int, fd: int, count: int, decode: Callable[[object], R]) -> li
     chunks = []
     try:
         while True:
-            chunk = os.read(fd, _CHUNK)
+            chunk = os.read(fd, _PIPE_READ)
             if not chunk:
                 break
             chunks.append(chunk)
@@ -140,25 +162,20 @@ def _collect(pid: int, fd: int, count: int, decode: Callable[[object], R]) -> li
         return None
     finally:
         os.close(fd)
-        _reap(pid, wait=False)  # its exit takes a while (its memory); nothing here depends on it
+        _reap(pid)
 
 
-def _end(pid: int, fd: int) -> None:
+def _kill(pid: int, fd: int) -> None:
     os.close(fd)
     try:
-        os.kill(pid, 9)
+        os.kill(pid, _signal.SIGKILL)
     except ProcessLookupError:
         pass
     _reap(pid)
 
 
-_EXITING: list[int] = []  # children whose results are in, still tearing their memory down
-
-
-def _reap(pid: int, wait: bool = True) -> None:
-    """Collect the child's exit; without `wait`, one still exiting is collected at the next `each`."""
+def _reap(pid: int) -> None:
     try:
-        if os.waitpid(pid, 0 if wait else os.WNOHANG) == (0, 0):
-            _EXITING.append(pid)
+        os.waitpid(pid, 0)
     except ChildProcessError:
         pass

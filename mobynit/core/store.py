@@ -312,6 +312,7 @@ class Store:
                     names = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in entries)
             except OSError as e:
                 raise StoreError(f"{self.containers}: cannot read: {e.strerror}") from None
+
             def read(entry: tuple[str, bool]) -> Extension | None:
                 return self._scan_one(fd, entry[0], entry[1], wanted, release)
 
@@ -370,7 +371,8 @@ class Store:
 
 
 def _plain(ext: Extension | None) -> object:
-    """`ext` as marshal carries it, for fanout (a store's extension only: no image, no rank)."""
+    """`ext` as marshal carries it, for fanout; every field of every record in it
+    (tests/unit/test_fanout.py fills each field there is and checks the way back)."""
     if ext is None:
         return None
     c, m = ext.container, ext.modules
@@ -379,7 +381,7 @@ def _plain(ext: Extension | None) -> object:
         tuple((la.id, la.path, la.link, None if la.facts is None else _facts_plain(la.facts)) for la in c.layers),
     )
     modules = None if m is None else (m.release, m.symvers_sha256)
-    return ext.id, ext.name, container, modules, ext.fault, ext.release, ext.release_name
+    return ext.id, ext.name, container, modules, ext.fault, ext.release, ext.release_name, ext.image, ext.rank
 
 
 def _facts_plain(f: LayerFacts) -> tuple[object, ...]:
@@ -390,7 +392,7 @@ def _from_plain(value: object) -> Extension | None:
     """The inverse of _plain."""
     if value is None:
         return None
-    eid, name, c, m, fault, release, release_name = value  # type: ignore[misc]
+    eid, name, c, m, fault, release, release_name, image, rank = value  # type: ignore[misc]
     container = None
     if c is not None:
         cid, cname, labels, state, overlay2, config, layers = c
@@ -400,7 +402,7 @@ def _from_plain(value: object) -> Extension | None:
                                            for lid, path, link, f in layers))
     modules = None if m is None else KernelModules(release=m[0], symvers_sha256=m[1])
     return Extension(id=eid, name=name, container=container, modules=modules, fault=fault, release=release,
-                     release_name=release_name, image=None, rank=None)
+                     release_name=release_name, image=image, rank=rank)
 
 
 def _facts_from_plain(f: tuple[object, ...]) -> LayerFacts:

@@ -94,26 +94,34 @@ def run_assemble(a: Arena, variant: Variant) -> tuple[subprocess.CompletedProces
 
 def check_fanout(a: Arena, release: str) -> int:
     """The store read shared out among three processes (forced: any store, one item
-    probed, any amount of work) is the one-process read, extension for extension and fault for fault; returns
-    how many children it forked, which a listable `containers` of 3 entries or more makes 2."""
+    probed, any amount of work) is the one-process read, extension for extension and
+    fault for fault, each child's results used rather than redone here; returns how many
+    children it forked, which a listable `containers` of 4 entries or more makes 2."""
     forks: list[int] = []
-    real_fork = fanout._fork
+    taken: list[bool] = []
+    real_fork, real_collect = fanout._fork, fanout._collect
 
-    def counted(*args):  # type: ignore[no-untyped-def]
+    def fork(*args):  # type: ignore[no-untyped-def]
         forks.append(1)
         return real_fork(*args)
 
-    saved = fanout.PROBE, fanout.WORTH, fanout._fork, core_store.FANOUT_FROM
-    fanout.PROBE, fanout.WORTH, fanout._fork, core_store.FANOUT_FROM = 1, 0.0, counted, 0
+    def collect(*args):  # type: ignore[no-untyped-def]
+        got = real_collect(*args)
+        taken.append(got is not None)
+        return got
+
+    saved = fanout.PROBE, fanout.WORTH, fanout._fork, fanout._collect, core_store.FANOUT_FROM
+    fanout.PROBE, fanout.WORTH, fanout._fork, fanout._collect, core_store.FANOUT_FROM = 1, 0.0, fork, collect, 0
     try:
         with _deadline(PLAN_TIMEOUT):
             alone = _scan(a, release, 1)
             shared = _scan(a, release, 3)
     finally:
-        fanout.PROBE, fanout.WORTH, fanout._fork, core_store.FANOUT_FROM = saved
+        fanout.PROBE, fanout.WORTH, fanout._fork, fanout._collect, core_store.FANOUT_FROM = saved
     assert shared == alone, f"the store read shared out among processes differs from the one-process read:\n{shared}\n{alone}"
+    assert all(taken), "a child's results were not used: its slice was read again here"
     containers = a.store / "containers"
-    if real_dir(str(a.store)) and real_dir(str(containers)) and len(os.listdir(containers)) >= 3:
+    if real_dir(str(a.store)) and real_dir(str(containers)) and len(os.listdir(containers)) >= 4:
         assert len(forks) == 2, f"the read was not shared out ({len(forks)} children)"
     return len(forks)
 

@@ -30,8 +30,9 @@ Extension side (the data store), asserted for every example:
   dirs are `l/<26 [A-Z0-9]>` or `<64 hex>/diff`; absolute ones not in a store
   are in the work directory;
 - the store read shared out among processes (mobynit.core.fanout, forced)
-  finds what the one-process read finds, fault for fault, and really did
-  fork whenever `containers` lists three entries or more;
+  finds what the one-process read finds, fault for fault, with every
+  child's results used (none read again here), and really did fork
+  whenever `containers` lists four entries or more;
 - `plan` as text encodes as strict UTF-8 and has exactly one line per item;
 - `assemble` exits 0, no traceback, every stderr line is `mobynit: ...`;
   the root holds the hostapp's files (unless a facts document the reader

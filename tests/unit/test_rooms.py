@@ -25,6 +25,7 @@ ALLOWED = {
     "__future__": "annotations",
     "os": "everything", "stat": "file types", "sys": "streams", "time": "timings", "errno": "error numbers",
     "marshal": "results of a store read shared out among CPUs (mobynit.core.fanout); built in",
+    "_signal": "signals blocked across fanout's fork; built in and loaded at start, where `signal` costs ~1 ms",
     "gc": "a short-lived run turns the cyclic collector off (mobynit.core.process)",
     "_json": "the C JSON scanner and encoder (mobynit.core.jsonio), without json's re",
     "fcntl": "the work directory's lock", "select": "waiting for uevents", "socket": "the uevent netlink socket", "struct": "superblocks and partition tables",
