@@ -3,7 +3,7 @@
 Reading a store of hundreds of containers is pure Python between short
 system calls: one CPU does it all while the others idle, and threads would
 not help (the interpreter runs one thread at a time). `each` forks a child
-per spare CPU: each child does its own slice of the work and sends the
+for each process asked beyond this one: each child does its own slice of the work and sends the
 results back marshalled through a pipe, while this process does the first
 slice itself; then it takes the children's results in order. The order and
 the results are exactly those of doing it all here, and whatever goes wrong
@@ -11,14 +11,14 @@ with a child (the fork refused, the child killed or crashed, its output
 short or unreadable) only means its slice is done here after all: slower,
 never different.
 
-A fork and the results' way back cost about a millisecond: the first few
-items are done here first, and only when the rest would give each process
-`worth` seconds of work is it shared out (docs/benchmark.md measures where
-that pays). A child never returns into the caller: signals are blocked
-across the fork and whatever happens in the child ends with `os._exit`, so
-no second copy of the caller goes on (and, say, unmounts what it mounted).
-A child holds no descriptor once its results are sent, and every child is
-collected before `each` returns.
+A fork and the results' way back cost about a millisecond; whether a read
+is worth it is decided before this module is even loaded (the store reads
+a few items first and times them: mobynit.core.store.shares). A child never
+returns into the caller: signals are blocked across the fork and whatever
+happens in the child ends with `os._exit`, so no second copy of the caller
+goes on (and, say, unmounts what it mounted). A child holds no descriptor
+once its results are sent, and every child is collected before `each`
+returns.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import _signal
 import marshal
 import os
-import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -36,18 +35,8 @@ if TYPE_CHECKING:
     T = TypeVar("T")
     R = TypeVar("R")
 
-PROBE = 16  # items done here first, to learn what one costs
-WORTH = 0.006  # seconds of work a process must have for a fork to pay (docs/benchmark.md)
 _PIPE_READ = 1 << 16  # a pipe holds 64 KiB
 _FD_END = 1 << 20  # above any descriptor a process of ours holds (fs.nr_open's default)
-
-
-def cpus() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except OSError:
-        return 1
 
 
 def each(
@@ -55,36 +44,20 @@ def each(
     items: Sequence[T],
     encode: Callable[[R], object],
     decode: Callable[[object], R],
-    processes: int | None = None,
-    worth: float | None = None,
+    processes: int,
 ) -> list[R]:
-    """[work(item) for item in items], shared out in order among up to `processes`
-    processes (default: one per CPU) when what is left after the first few items
-    would give each at least `worth` seconds of work.
+    """[work(item) for item in items], shared out in order among `processes` processes,
+    this one doing the first slice (whether that pays is the caller's to judge: see
+    mobynit.core.store.shares).
 
     `encode` turns a result into what marshal can carry (tuples, dicts, strings,
     numbers, None, frozensets), `decode` turns that back into the same result."""
-    most = cpus() if processes is None else processes
-    probe = max(PROBE, len(items) // 16)
-    if most < 2 or len(items) <= probe:
-        return [work(item) for item in items]
-    results, spans = [], []
-    start = time.perf_counter()
-    for item in items[:probe]:
-        results.append(work(item))
-        now = time.perf_counter()
-        spans.append(now - start)
-        start = now
-    if probe > 1:  # the slowest left out: the first of a kind may import what all the others then share
-        spans.remove(max(spans))
-    left = sum(spans) / len(spans) * (len(items) - probe)
-    worth = WORTH if worth is None else worth
-    n = min(most, len(items) - probe, int(left / worth) if worth > 0 else most)
+    n = min(processes, len(items))
     if n < 2:
-        results.extend(work(item) for item in items[probe:])
-        return results
-    bounds = [probe + (len(items) - probe) * k // n for k in range(n + 1)]
+        return [work(item) for item in items]
+    bounds = [len(items) * k // n for k in range(n + 1)]
     children: list[tuple[int, int, int, int]] = []  # (pid, read end, first item, end)
+    results: list[R] = []
     try:
         for k in range(1, n):
             child = _fork(work, items, bounds[k], bounds[k + 1], encode)
@@ -92,7 +65,7 @@ def each(
                 children.append((-1, -1, bounds[k], len(items)))
                 break
             children.append(child)
-        results.extend(work(item) for item in items[probe : bounds[1]])
+        results.extend(work(item) for item in items[: bounds[1]])
         while children:
             pid, fd, first, end = children.pop(0)
             got = None if pid < 0 else _collect(pid, fd, end - first, decode)

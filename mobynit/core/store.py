@@ -12,6 +12,7 @@ StoreError naming the file; the caller decides whether that sinks a boot
 from __future__ import annotations
 
 import os
+import time
 
 from mobynit.core import jsonio
 from mobynit.core import labels as label
@@ -32,7 +33,8 @@ LINK_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 LINK_LEN = 26
 CONFIG_LIMIT = 4 << 20  # a config.v2.json is a few KiB; refuse to slurp a planted giant
 SMALL_LIMIT = 4096  # mount-id, lower
-FANOUT_FROM = 32  # containers from which a scan may be shared out among CPUs (mobynit.core.fanout)
+PROBE = 16  # containers a scan reads before it judges whether sharing the rest out pays
+WORTH = 0.006  # seconds of reading each process must get for a fork to pay (docs/benchmark.md)
 MOUNTS = "image/overlay2/layerdb/mounts"
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _S_IFMT, _S_IFDIR = 0o170000, 0o040000  # stat.S_IFMT(mode), stat.S_IFDIR, without a call
@@ -292,7 +294,7 @@ class Store:
              processes: int | None = None) -> list[Extension]:
         """Every container whose labels make it `wanted`, each read on its own;
         a store of many containers is read by up to `processes` processes
-        (default: one per CPU; mobynit.core.fanout), with the same result.
+        (default: one per CPU; see _read_all), with the same result.
 
         A container that cannot be read but looks like an extension comes back
         with a `fault`; one that is plainly an application is not returned.
@@ -316,12 +318,7 @@ class Store:
             def read(entry: tuple[str, bool]) -> Extension | None:
                 return self._scan_one(fd, entry[0], entry[1], wanted, release)
 
-            if len(names) < FANOUT_FROM:
-                found = [read(entry) for entry in names]
-            else:
-                from mobynit.core import fanout  # a store of a few containers never loads it
-
-                found = fanout.each(read, names, _plain, _from_plain, processes)
+            found = _read_all(read, names, processes)
             return [ext for ext in found if ext is not None]
         finally:
             self._leave()
@@ -368,6 +365,53 @@ class Store:
             id=name, name=cname, container=container, modules=modules, fault=None, release=ext_release,
             release_name=release_name,
         )
+
+
+def _read_all(read: Callable[[tuple[str, bool]], Extension | None], names: Sequence[tuple[str, bool]],
+              processes: int | None) -> list[Extension | None]:
+    """read(name) for every name, in order: the first few here, timed; the rest shared
+    out among the CPUs (mobynit.core.fanout) when that pays, by `shares`."""
+    probe = max(PROBE, len(names) // 16)
+    if len(names) <= probe:
+        return [read(entry) for entry in names]
+    found, spans = [], []
+    start = time.perf_counter()
+    for entry in names[:probe]:
+        found.append(read(entry))
+        now = time.perf_counter()
+        spans.append(now - start)
+        start = now
+    rest = names[probe:]
+    n = shares(spans, len(rest), _cpus() if processes is None else processes, WORTH)
+    if n < 2:
+        found.extend(read(entry) for entry in rest)
+    else:
+        from mobynit.core import fanout  # loaded only by a read that forks
+
+        found.extend(fanout.each(read, rest, _plain, _from_plain, n))
+    return found
+
+
+def shares(spans: Sequence[float], left: int, cpus: int, worth: float) -> int:
+    """How many processes should read the `left` items still to read, given what each
+    probed item took (`spans`, seconds): as many as give each `worth` seconds of work,
+    at most one per CPU and one per item; 1 means this process alone. The slowest
+    probed item is left out of the estimate: the first of a kind may import what all
+    the others then share (mobynit.core.layers at the first extension)."""
+    if cpus < 2 or left < 2 or not spans:
+        return 1
+    counted = sorted(spans)[:-1] if len(spans) > 1 else list(spans)
+    per_item = sum(counted) / len(counted)
+    wanted = int(per_item * left / worth) if worth > 0 else cpus
+    return max(1, min(cpus, left, wanted))
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:
+        return 1
 
 
 def _plain(ext: Extension | None) -> object:

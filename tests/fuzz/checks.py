@@ -110,14 +110,14 @@ def check_fanout(a: Arena, release: str) -> int:
         taken.append(got is not None)
         return got
 
-    saved = fanout.PROBE, fanout.WORTH, fanout._fork, fanout._collect, core_store.FANOUT_FROM
-    fanout.PROBE, fanout.WORTH, fanout._fork, fanout._collect, core_store.FANOUT_FROM = 1, 0.0, fork, collect, 0
+    saved = core_store.PROBE, core_store.WORTH, fanout._fork, fanout._collect
+    core_store.PROBE, core_store.WORTH, fanout._fork, fanout._collect = 1, 0.0, fork, collect
     try:
         with _deadline(PLAN_TIMEOUT):
             alone = _scan(a, release, 1)
             shared = _scan(a, release, 3)
     finally:
-        fanout.PROBE, fanout.WORTH, fanout._fork, fanout._collect, core_store.FANOUT_FROM = saved
+        core_store.PROBE, core_store.WORTH, fanout._fork, fanout._collect = saved
     assert shared == alone, f"the store read shared out among processes differs from the one-process read:\n{shared}\n{alone}"
     assert all(taken), "a child's results were not used: its slice was read again here"
     containers = a.store / "containers"

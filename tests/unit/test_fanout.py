@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mobynit.core import fanout
+from mobynit.core import fanout, store
 
 PARENT = os.getpid()
 
@@ -33,7 +33,7 @@ def ident(value: object) -> object:
 
 
 def spread(work: Callable[[int], tuple[int, int]], count: int, processes: int, **kw: object) -> list[tuple[int, int]]:
-    return fanout.each(work, list(range(count)), ident, ident, processes=processes, worth=0.0, **kw)  # type: ignore[arg-type]
+    return fanout.each(work, list(range(count)), ident, ident, processes, **kw)  # type: ignore[arg-type]
 
 
 def children() -> list[str]:
@@ -47,45 +47,49 @@ def no_child_left() -> Iterator[None]:
     assert children() == []  # every child collected by the call that made it
 
 
-@pytest.mark.parametrize("count", [17, 40, 333])
+@pytest.mark.parametrize("count", [1, 2, 17, 333])
 @pytest.mark.parametrize("processes", [2, 3, 5])
 def test_the_results_are_those_of_one_process_in_order(count: int, processes: int) -> None:
     results = spread(square, count, processes)
     assert [r[0] for r in results] == [i * i for i in range(count)]
     pids = {r[1] for r in results}
-    left = count - max(fanout.PROBE, count // 16)  # after the items that measure the work
-    assert PARENT in pids and len(pids) == max(1, min(processes, left))  # shared out: every process made some
+    assert PARENT in pids and len(pids) == min(processes, count)  # shared out: every process made some
 
 
-def test_one_process_or_little_work_forks_nothing() -> None:
+def test_one_process_forks_nothing() -> None:
     assert {r[1] for r in spread(square, 300, 1)} == {PARENT}
-    few = fanout.each(square, list(range(fanout.PROBE)), ident, ident, processes=4, worth=0.0)
-    assert {r[1] for r in few} == {PARENT}
-    # Work worth less than `worth` seconds a process is not shared out.
-    cheap = fanout.each(square, list(range(300)), ident, ident, processes=4, worth=60.0)
-    assert [r[0] for r in cheap] == [i * i for i in range(300)] and {r[1] for r in cheap} == {PARENT}
+    assert spread(square, 0, 4) == []
 
 
-def test_the_estimate_shares_out_costly_work_only() -> None:
-    import time
+# --- whether it pays: mobynit.core.store.shares, a pure function of the probe's timings ---------
 
-    def slow(i: int) -> tuple[int, int]:
-        time.sleep(0.002)
-        return square(i)
+MS = 0.001
 
-    results = fanout.each(slow, list(range(40)), ident, ident, processes=2, worth=0.01)
-    assert [r[0] for r in results] == [i * i for i in range(40)] and len({r[1] for r in results}) == 2
-    # The slowest probed item is left out of the estimate (a first-use import, say).
-    calls = []
 
-    def first_slow(i: int) -> tuple[int, int]:
-        calls.append(i)
-        if len(calls) == 1:
-            time.sleep(0.2)
-        return square(i)
+def test_as_many_processes_as_give_each_its_worth_of_work() -> None:
+    from mobynit.core.store import shares
 
-    results = fanout.each(first_slow, list(range(40)), ident, ident, processes=2, worth=0.1)
-    assert {r[1] for r in results} == {PARENT}  # counted, its 0.2 s would have made 0.3 s a process
+    spans = [0.1 * MS] * 16  # 0.1 ms an item
+    assert shares(spans, 100, 4, 6 * MS) == 1  # 10 ms of work: not 6 ms each for two
+    assert shares(spans, 120, 4, 6 * MS) == 2
+    assert shares(spans, 180, 4, 6 * MS) == 3
+    assert shares(spans, 10_000, 4, 6 * MS) == 4  # at most one per CPU
+    assert shares(spans, 10_000, 1, 6 * MS) == 1
+    assert shares([1.0] * 4, 3, 8, 6 * MS) == 3  # at most one per item
+    assert shares([1.0] * 4, 1, 8, 6 * MS) == 1
+    assert shares(spans, 120, 4, 0.0) == 4  # any amount of work is worth it: one per CPU
+    assert shares([], 120, 4, 6 * MS) == 1
+
+
+def test_the_slowest_probed_item_is_left_out_of_the_estimate() -> None:
+    from mobynit.core.store import shares
+
+    # The first extension imports the layer lookups: 1 ms once, then 0.05 ms each.
+    spans = [1 * MS] + [0.05 * MS] * 15
+    assert shares(spans, 200, 2, 6 * MS) == 1  # 10 ms left: counted, the import would make it 2.2 ms an item
+    assert shares(sorted(spans), 200, 2, 6 * MS) == 1  # wherever it falls
+    assert shares([0.05 * MS] * 15 + [0.06 * MS], 400, 2, 6 * MS) == 2  # only one item is ever left out
+    assert shares([0.3 * MS], 100, 2, 6 * MS) == 2  # a single probe is all there is
 
 
 def _in_child(action: Callable[[], None], at: int) -> Callable[[int], tuple[int, int]]:
@@ -123,13 +127,13 @@ def test_a_child_whose_results_do_not_load_is_redone_here(monkeypatch: pytest.Mo
 
 
 def test_results_marshal_cannot_carry_or_decode_refuses_are_redone_here() -> None:
-    results = fanout.each(square, list(range(200)), lambda r: object(), ident, processes=2, worth=0.0)
+    results = fanout.each(square, list(range(200)), lambda r: object(), ident, 2)
     assert {r[1] for r in results} == {PARENT}
 
     def decode(value: object) -> object:
         raise KeyError("no such field")
 
-    results = fanout.each(square, list(range(200)), ident, decode, processes=2, worth=0.0)
+    results = fanout.each(square, list(range(200)), ident, decode, 2)
     assert [r[0] for r in results] == [i * i for i in range(200)] and {r[1] for r in results} == {PARENT}
 
 
@@ -192,7 +196,7 @@ def test_a_child_never_goes_on_past_the_call(raised: str) -> None:
         f"        raise {raised}\n"
         "    return i\n"
         "try:\n"
-        "    r = fanout.each(work, list(range(300)), lambda v: v, lambda v: v, processes=3, worth=0.0)\n"
+        "    r = fanout.each(work, list(range(300)), lambda v: v, lambda v: v, 3)\n"
         "except BaseException as e:\n"
         "    r = repr(e)\n"
         "print('went on', os.getpid() == parent, r == list(range(300)), flush=True)\n"
@@ -326,7 +330,7 @@ def _shared_out(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[bool]]
 
     monkeypatch.setattr(fanout, "_fork", lambda *a: forks.append(1) or real_fork(*a))
     monkeypatch.setattr(fanout, "_collect", collect)
-    monkeypatch.setattr(fanout, "WORTH", 0.0)
+    monkeypatch.setattr(store, "WORTH", 0.0)
     return forks, taken
 
 
@@ -354,20 +358,19 @@ def test_the_store_read_shared_out_is_the_one_process_read(tmp_path: Path, monke
                for e in found) == 10
 
 
-@pytest.mark.parametrize("count, loaded", [(5, False), (40, True)])
-def test_a_store_of_a_few_containers_never_loads_the_fanout(tmp_path: Path, count: int, loaded: bool) -> None:
-    from mobynit.core import store
-
-    assert (count < store.FANOUT_FROM) is not loaded
+@pytest.mark.parametrize("count, worth, loaded", [(5, 0.0, False), (200, None, False), (40, 0.0, True)])
+def test_only_a_read_that_forks_loads_the_fanout(tmp_path: Path, count: int, worth: float | None,
+                                                 loaded: bool) -> None:
     root = tmp_path / "docker"
     for n in range(count):
-        _container(root, n, {"io.balena.image.class": "overlay"}, {"usr/share/x": b"x"})
+        _container(root, n, {"io.balena.image.class": "overlay"} if n % 10 == 0 else {}, {"usr/share/x": b"x"})
     script = (
         "import sys\n"
         "from mobynit.core import labels, store\n"
-        f"found = store.Store({str(root)!r}).scan(labels.is_extension, 'r')\n"
+        + (f"store.WORTH = {worth}\n" if worth is not None else "")
+        + f"found = store.Store({str(root)!r}).scan(labels.is_extension, 'r', processes=2)\n"
         "print(len(found), 'mobynit.core.fanout' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-S", "-c", script], capture_output=True, text=True, timeout=60,
                          cwd=Path(fanout.__file__).parents[2], check=True).stdout
-    assert out == f"{count} {loaded}\n"
+    assert out == f"{(count + 9) // 10} {loaded}\n"  # 200 small containers: far from 12 ms of reading
