@@ -3,9 +3,10 @@
 Reading a store of hundreds of containers is pure Python between short
 system calls: one CPU does it all while the others idle, and threads would
 not help (the interpreter runs one thread at a time). `each` forks a child
-for each process asked beyond this one: each child does its own slice of the work and sends the
-results back marshalled through a pipe, while this process does the first
-slice itself; then it takes the children's results in order. The order and
+for each process asked beyond this one: each child does its own slice of
+the work and sends the results back marshalled through a pipe, while this
+process does the first slice itself; then it takes the children's results
+in order. The order and
 the results are exactly those of doing it all here, and whatever goes wrong
 with a child (the fork refused, the child killed or crashed, its output
 short or unreadable) only means its slice is done here after all: slower,
@@ -64,7 +65,7 @@ def each(
             if child is None:  # no fork to be had (EAGAIN, ENOMEM, EMFILE): the rest is read here
                 children.append((-1, -1, bounds[k], len(items)))
                 break
-            children.append(child)
+            children.append((*child, bounds[k], bounds[k + 1]))
         results.extend(work(item) for item in items[: bounds[1]])
         while children:
             pid, fd, first, end = children.pop(0)
@@ -78,8 +79,8 @@ def each(
 
 
 def _fork(work: Callable[[T], R], items: Sequence[T], first: int, end: int,
-          encode: Callable[[R], object]) -> tuple[int, int, int, int] | None:
-    """A child doing items[first:end]: (its pid, the read end of its pipe, first, end);
+          encode: Callable[[R], object]) -> tuple[int, int] | None:
+    """A child doing items[first:end]: (its pid, the read end of its pipe);
     None when the system has no fork to give."""
     try:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
@@ -98,7 +99,7 @@ def _fork(work: Callable[[T], R], items: Sequence[T], first: int, end: int,
     finally:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
     os.close(write_end)
-    return pid, read_end, first, end
+    return pid, read_end
 
 
 def _child(work: Callable[[T], R], items: Sequence[T], encode: Callable[[R], object], out: int,
