@@ -8,7 +8,7 @@ without the culprit. Only the hostapp can make it fail (HostappError).
 
 from __future__ import annotations
 
-import os
+import posix
 import stat
 import time
 
@@ -17,11 +17,13 @@ from mobynit.core import plan as planner
 from mobynit.core import policy, render
 from mobynit.core.cmdline import Cmdline
 from mobynit.core.errors import HostappError, MountError, StoreError, shown
+from mobynit.core.fileio import is_dir, lexists
 from mobynit.core.model import Record
+from mobynit.core.mounttable import is_mount_point
 from mobynit.core.paths import DEFAULT_WORKDIR, StorePaths
+from mobynit.core.paths import dirname
 from mobynit.core.record import BootRecord, Counted
 from mobynit.core.store import Store, hostapp_id
-from mobynit.core.mounttable import is_mount_point
 from mobynit.core.workdir import WorkDir
 
 IMAGE_MOUNTS = "images"  # below the work directory: raw sysext images, mounted while read
@@ -60,11 +62,11 @@ def find_extensions(
         return [], token, f"extensions disabled by {shown(token)} on the kernel command line"
     if where.data is None or where.data_store is None:
         return [], None, f"{shown(data_reason, 1000) if data_reason else 'no data partition given'}: hostapp only"
-    if not os.path.isdir(where.data):
+    if not is_dir(where.data):
         return [], None, f"data partition not found at {where.data}: hostapp only"
     problem = _marker_problem(where.purge_marker) if where.purge_marker else None
     if problem is not None:
-        if problem == "is missing" and os.path.isdir(f"{where.data}/containers") and not os.path.lexists(where.data_store):
+        if problem == "is missing" and is_dir(f"{where.data}/containers") and not lexists(where.data_store):
             # A common slip: the engine's data-root given where the partition holding it belongs.
             return [], None, (f"{where.data} is an engine's data-root (it has containers/), not a data partition:"
                               f" give the partition that holds it, or the store with --data-store: hostapp only")
@@ -76,14 +78,14 @@ def find_extensions(
     if images is not None and where.images is not None:  # image_mounts found the directory
         from mobynit.core.images import find as find_images
 
-        found += find_images(where.images, os.stat(where.data).st_dev, images, kernel_release)
+        found += find_images(where.images, posix.stat(where.data).st_dev, images, kernel_release)
     return found, None, None
 
 
 def image_mounts(where: StorePaths, workdir: str, prepare: Callable[[str], None] | None = None) -> Mounts | None:
     """Where this run mounts the data partition's raw images to read them
     (`<workdir>/images`), or None when the partition has no image directory."""
-    if where.images is None or not os.path.lexists(where.images):
+    if where.images is None or not lexists(where.images):
         return None
     from mobynit.core.images import Mounts
 
@@ -99,7 +101,7 @@ def _marker_problem(path: str) -> str | None:
     than being overlaid from a partition about to be reset (docs/decisions.md).
     """
     try:
-        st = os.lstat(path)
+        st = posix.lstat(path)
     except FileNotFoundError:
         return "is missing"
     except OSError as e:
@@ -324,7 +326,7 @@ def _mount_plan(
         break
     if timings is not None:
         timings.update({k: _ms(v) for k, v in spent.items()})
-    if not os.statvfs(target).f_flag & os.ST_RDONLY:
+    if not posix.statvfs(target).f_flag & posix.ST_RDONLY:
         raise HostappError(f"{target} was mounted but is not read-only; refusing to hand it over")
     return plan, fallbacks
 
@@ -430,7 +432,7 @@ def index_stores(where: StorePaths, kernel_release: str, force: bool = False) ->
 
     sel = select(where, Cmdline(""), kernel_release)
     containers = [sel.hostapp] + [d.extension.container for d in sel.decisions if d.extension.container]
-    layers = {layer.id: os.path.dirname(layer.path) for c in containers for layer in c.layers}
+    layers = {layer.id: dirname(layer.path) for c in containers for layer in c.layers}
     try:
         written = facts.index(sorted(layers.items()), force=force)
     except OSError as e:

@@ -15,12 +15,14 @@ do is give the extensions their tries again.
 
 from __future__ import annotations
 
-import os
+import posix
 
 from mobynit.core import jsonio
 from mobynit.core.errors import StoreError
+from mobynit.core.fileio import make_dirs
 from mobynit.core.fileio import open_beneath, read_file, write_atomic_at
 from mobynit.core.model import Record
+from mobynit.core.paths import split
 from mobynit.core.store import is_id
 
 TYPE_CHECKING = False
@@ -72,20 +74,20 @@ def named(path: str, data: str | None = None) -> Location:
         top = data.rstrip("/") or "/"
         if path.startswith(top.rstrip("/") + "/"):
             return Location(top=top, rel=path[len(top.rstrip("/")) + 1 :])
-    directory, name = os.path.split(path)
+    directory, name = split(path)
     return Location(top=directory or ".", rel=name)
 
 
 def read(where: Location) -> Attempts:
     """The recorded attempts; NONE when the file is missing, torn or garbled,
     or when a level on the way is not a real directory of the partition."""
-    directory, name = os.path.split(where.rel)
+    directory, name = split(where.rel)
     try:
         fd, _ = open_beneath(where.top, directory)
         try:
             doc = jsonio.loads(read_file(name, 1 << 20, dir_fd=fd, display=where.path))
         finally:
-            os.close(fd)
+            posix.close(fd)
     except (StoreError, ValueError, RecursionError):
         return NONE
     if not isinstance(doc, dict) or doc.get("version") != VERSION:
@@ -106,7 +108,7 @@ def write(where: Location, attempts: Attempts) -> list[str]:
     the paths replaced are returned, to be said. Raises StoreError naming the
     file when it cannot be written.
     """
-    directory, name = os.path.split(where.rel)
+    directory, name = split(where.rel)
     doc = {
         "version": VERSION,
         "extensions": list(attempts.extensions),
@@ -114,14 +116,14 @@ def write(where: Location, attempts: Attempts) -> list[str]:
         "fallback": attempts.fallback,
     }
     try:
-        os.makedirs(where.top, mode=0o700, exist_ok=True)  # the operator's own directory (`--attempts FILE`)
+        make_dirs(where.top, 0o700)  # the operator's own directory (`--attempts FILE`)
     except OSError as e:
         raise StoreError(f"{where.top}: cannot create: {e.strerror}") from None
     fd, replaced = open_beneath(where.top, directory, create=True)
     try:
         write_atomic_at(fd, name, (jsonio.dumps(doc) + "\n").encode(), 0o600, display=where.path)
     finally:
-        os.close(fd)
+        posix.close(fd)
     return replaced
 
 

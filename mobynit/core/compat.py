@@ -199,9 +199,9 @@ def architecture(machine: str) -> str:
 
 def host_architecture() -> str:
     """The running machine's architecture, in systemd's naming."""
-    import os
+    import posix
 
-    return architecture(os.uname().machine)
+    return architecture(posix.uname().machine)
 
 
 def sysext_verdict(

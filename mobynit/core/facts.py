@@ -20,13 +20,13 @@ must not let it delete them.
 
 from __future__ import annotations
 
-import os
+import posix
 import stat
 
 from mobynit.core import jsonio
 from mobynit.core.errors import StoreError, shown
-from mobynit.core.model import Record
 from mobynit.core.fileio import read_file, write_atomic
+from mobynit.core.model import Record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -64,12 +64,12 @@ def walk(diff: str, limit: int | None = PATHS_LIMIT) -> LayerFacts:
     opaques: list[str] = []
     xattrs: list[str] = []
     paths: list[str] = []
-    dirs: list[tuple[str, int]] = [(".", os.lstat(diff).st_ctime_ns)]
+    dirs: list[tuple[str, int]] = [(".", posix.lstat(diff).st_ctime_ns)]
     _check_xattrs(diff, "", opaques, xattrs)
     stack = [("", diff)]
     while stack:
         rel_dir, real_dir = stack.pop()
-        with os.scandir(real_dir) as it:
+        with posix.scandir(real_dir) as it:
             for entry in it:
                 rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
                 paths.append(rel)
@@ -94,7 +94,7 @@ def walk(diff: str, limit: int | None = PATHS_LIMIT) -> LayerFacts:
 
 def _check_xattrs(path: str, rel: str, opaques: list[str], xattrs: list[str]) -> None:
     try:
-        names = os.listxattr(path, follow_symlinks=False)
+        names = posix.listxattr(path, follow_symlinks=False)
     except OSError:
         return
     for name in names:
@@ -108,7 +108,7 @@ def _check_xattrs(path: str, rel: str, opaques: list[str], xattrs: list[str]) ->
 
 def _getxattr(path: str, name: str) -> bytes | None:
     try:
-        return os.getxattr(path, name, follow_symlinks=False)
+        return posix.getxattr(path, name, follow_symlinks=False)
     except OSError:
         return None
 
@@ -174,16 +174,16 @@ def _dirs(value: object) -> tuple[tuple[str, int], ...] | None:
 
 
 def unchanged(diff: str, dirs: Sequence[tuple[str, int]], dir_fd: int | None = None,
-              diff_stat: os.stat_result | None = None) -> bool:
+              diff_stat: posix.stat_result | None = None) -> bool:
     """Every recorded directory is still a directory with the recorded ctime (lstat, no symlinks).
 
     `diff` may be relative to `dir_fd`; `diff_stat` is its lstat when the caller already made it."""
     for rel, ctime in dirs:
         try:
             if rel != ".":
-                st = os.lstat(f"{diff}/{rel}", dir_fd=dir_fd)
+                st = posix.lstat(f"{diff}/{rel}", dir_fd=dir_fd)
             else:
-                st = diff_stat if diff_stat is not None else os.lstat(diff, dir_fd=dir_fd)
+                st = diff_stat if diff_stat is not None else posix.lstat(diff, dir_fd=dir_fd)
         except OSError:
             return False
         now = st.st_ctime_ns
@@ -199,7 +199,7 @@ def _same_time(now: int, recorded: int) -> bool:
 
 
 def load(layer_dir: str, layer_id: str, dir_fd: int | None = None,
-         diff_stat: os.stat_result | None = None) -> LayerFacts | None:
+         diff_stat: posix.stat_result | None = None) -> LayerFacts | None:
     """The recorded facts of a layer, or None when there are none worth trusting:
     missing, malformed, for another layer, or stale (see LayerFacts.dirs).
 
@@ -213,7 +213,7 @@ def load(layer_dir: str, layer_id: str, dir_fd: int | None = None,
 
 
 def from_doc(doc: object, layer_dir: str, layer_id: str, dir_fd: int | None = None,
-             diff_stat: os.stat_result | None = None) -> LayerFacts | None:
+             diff_stat: posix.stat_result | None = None) -> LayerFacts | None:
     """A facts document as read from its file, checked the one way: current version,
     this layer's id, every type, and not stale; else None."""
     try:

@@ -16,7 +16,7 @@ A fork and the results' way back cost about a millisecond; whether a read
 is worth it is decided before this module is even loaded (the store reads
 a few items first and times them: mobynit.core.store.shares). A child never
 returns into the caller: signals are blocked across the fork and whatever
-happens in the child ends with `os._exit`, so no second copy of the caller
+happens in the child ends with `posix._exit`, so no second copy of the caller
 goes on (and, say, unmounts what it mounted). A child holds no descriptor
 once its results are sent, and every child is collected before `each`
 returns.
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import _signal
 import marshal
-import os
+import posix
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -83,39 +83,39 @@ def _fork(work: Callable[[T], R], items: Sequence[T], first: int, end: int,
     """A child doing items[first:end]: (its pid, the read end of its pipe);
     None when the system has no fork to give."""
     try:
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        read_end, write_end = posix.pipe2(posix.O_CLOEXEC)
     except OSError:
         return None
     # Blocked across the fork, so that no signal's handler runs in the child as the caller's code.
     mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
     try:
-        pid = os.fork()
+        pid = posix.fork()
         if pid == 0:
             _child(work, items[first:end], encode, write_end, mask)  # never returns
     except OSError:
-        os.close(read_end)
-        os.close(write_end)
+        posix.close(read_end)
+        posix.close(write_end)
         return None
     finally:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
-    os.close(write_end)
+    posix.close(write_end)
     return pid, read_end
 
 
 def _child(work: Callable[[T], R], items: Sequence[T], encode: Callable[[R], object], out: int,
            mask: object) -> None:
-    """The child's whole life: its slice, marshalled into `out`, then `os._exit`."""
+    """The child's whole life: its slice, marshalled into `out`, then `posix._exit`."""
     try:
         for sig in (_signal.SIGINT, _signal.SIGTERM):  # the caller's handlers would raise here: die instead
             _signal.signal(sig, _signal.SIG_DFL)
         _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
         view = memoryview(marshal.dumps([encode(work(item)) for item in items]))
-        os.closerange(0, out)  # the store, the work directory's lock, ...: let go before the end of the results
-        os.closerange(out + 1, _FD_END)
+        posix.closerange(0, out)  # the store, the work directory's lock, ...: let go before the end of the results
+        posix.closerange(out + 1, _FD_END)
         while view:
-            view = view[os.write(out, view):]
+            view = view[posix.write(out, view):]
     finally:
-        os._exit(0)  # noqa: B012 - never back into the caller, whatever was raised; short output says the rest
+        posix._exit(0)  # noqa: B012 - never back into the caller, whatever was raised; short output says the rest
 
 
 def _collect(pid: int, fd: int, count: int, decode: Callable[[object], R]) -> list[R] | None:
@@ -124,7 +124,7 @@ def _collect(pid: int, fd: int, count: int, decode: Callable[[object], R]) -> li
     chunks = []
     try:
         while True:
-            chunk = os.read(fd, _PIPE_READ)
+            chunk = posix.read(fd, _PIPE_READ)
             if not chunk:
                 break
             chunks.append(chunk)
@@ -135,14 +135,14 @@ def _collect(pid: int, fd: int, count: int, decode: Callable[[object], R]) -> li
     except (OSError, ValueError, EOFError, TypeError, IndexError, KeyError):
         return None
     finally:
-        os.close(fd)
+        posix.close(fd)
         _reap(pid)
 
 
 def _kill(pid: int, fd: int) -> None:
-    os.close(fd)
+    posix.close(fd)
     try:
-        os.kill(pid, _signal.SIGKILL)
+        posix.kill(pid, _signal.SIGKILL)
     except ProcessLookupError:
         pass
     _reap(pid)
@@ -150,6 +150,6 @@ def _kill(pid: int, fd: int) -> None:
 
 def _reap(pid: int) -> None:
     try:
-        os.waitpid(pid, 0)
+        posix.waitpid(pid, 0)
     except ChildProcessError:
         pass

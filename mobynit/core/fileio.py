@@ -18,13 +18,14 @@ Every failure raises StoreError with a sentence naming the file.
 from __future__ import annotations
 
 import errno
-import os
+import posix
 import stat
 
 from mobynit.core.errors import StoreError
+from mobynit.core.paths import dirname, split
 
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_O_TEMP = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_READ = posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC
+_O_TEMP = posix.O_WRONLY | posix.O_CREAT | posix.O_EXCL | posix.O_NOFOLLOW | posix.O_CLOEXEC
 
 
 def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | None = None,
@@ -33,13 +34,13 @@ def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | N
     on `device` when one is given (its fstat says so: no extra call). Messages name
     `display`, else `base`/`path` (built only when one is said), else `path`."""
     try:
-        fd = os.open(path, _O_READ, dir_fd=dir_fd)
+        fd = posix.open(path, _O_READ, dir_fd=dir_fd)
     except FileNotFoundError:
         raise StoreError(f"{_shown(path, display, base)}: missing") from None
     except OSError as e:
         raise StoreError(f"{_shown(path, display, base)}: cannot open: {e.strerror}") from None
     try:
-        st = os.fstat(fd)
+        st = posix.fstat(fd)
         if st.st_mode & 0o170000 != 0o100000:  # not stat.S_ISREG: a call less per file
             shown = _shown(path, display, base)
             raise StoreError(f"{shown}: not a regular file")
@@ -47,13 +48,13 @@ def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | N
             raise StoreError(f"{_shown(path, display, base)}: on another file system (a mount point), not followed")
         if st.st_size > limit:
             raise StoreError(f"{_shown(path, display, base)}: {st.st_size} bytes, more than the {limit} expected")
-        data = os.read(fd, st.st_size + 1)
+        data = posix.read(fd, st.st_size + 1)
         if len(data) == st.st_size:
             return data  # the common case: one read
         shown = _shown(path, display, base)
         chunks = [data]
         total = len(data)
-        while chunk := os.read(fd, limit + 1 - total):
+        while chunk := posix.read(fd, limit + 1 - total):
             chunks.append(chunk)
             total += len(chunk)
             if total > limit:
@@ -62,7 +63,7 @@ def read_file(path: str, limit: int, dir_fd: int | None = None, display: str | N
     except OSError as e:
         raise StoreError(f"{_shown(path, display, base)}: cannot read: {e.strerror}") from None
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def _shown(path: str, display: str | None, base: str | None) -> str:
@@ -79,13 +80,13 @@ def read_text(path: str, limit: int, dir_fd: int | None = None, display: str | N
 
 
 def require_dir(path: str, device: int | None = None, dir_fd: int | None = None,
-                display: str | None = None) -> os.stat_result:
+                display: str | None = None) -> posix.stat_result:
     """A real directory: not missing, not a symlink, not anything else, and on
     `device` when one is given (no mount point crossed); its lstat. `path` may
     be relative to `dir_fd`, and `display` is then its name in messages."""
     shown = display or path
     try:
-        st = os.lstat(path, dir_fd=dir_fd)
+        st = posix.lstat(path, dir_fd=dir_fd)
     except FileNotFoundError:
         raise StoreError(f"{shown}: missing") from None
     except OSError as e:
@@ -93,7 +94,7 @@ def require_dir(path: str, device: int | None = None, dir_fd: int | None = None,
     return check_dir(st, shown, device)
 
 
-def check_dir(st: os.stat_result, shown: str, device: int | None = None) -> os.stat_result:
+def check_dir(st: posix.stat_result, shown: str, device: int | None = None) -> posix.stat_result:
     """The verdict of require_dir on an lstat or fstat already made."""
     if stat.S_ISLNK(st.st_mode):
         raise StoreError(f"{shown}: is a symlink, not followed")
@@ -108,21 +109,85 @@ def readlink(path: str, when_missing: str, dir_fd: int | None = None, display: s
     """A symlink's target, never followed; StoreError saying what is wrong otherwise."""
     shown = display or path
     try:
-        return os.readlink(path, dir_fd=dir_fd)
+        return posix.readlink(path, dir_fd=dir_fd)
     except FileNotFoundError:
         raise StoreError(f"{shown}: {when_missing}") from None
     except OSError as e:
         raise StoreError(f"{shown}: not a symlink ({e.strerror})") from None
 
 
+def _kind(path: str, follow: bool) -> int | None:
+    """The file type bits of `path` (stat.S_IFMT), None when there is nothing to stat."""
+    try:
+        return (posix.stat(path) if follow else posix.lstat(path)).st_mode & 0o170000
+    except (OSError, ValueError):
+        return None
+
+
+def exists(path: str) -> bool:
+    """os.path.exists: symlinks followed."""
+    return _kind(path, True) is not None
+
+
+def lexists(path: str) -> bool:
+    """os.path.lexists: a dangling symlink exists."""
+    return _kind(path, False) is not None
+
+
+def is_dir(path: str) -> bool:
+    """os.path.isdir: symlinks followed."""
+    return _kind(path, True) == 0o040000
+
+
+def is_file(path: str) -> bool:
+    """os.path.isfile: symlinks followed."""
+    return _kind(path, True) == 0o100000
+
+
+def is_link(path: str) -> bool:
+    """os.path.islink."""
+    return _kind(path, False) == 0o120000
+
+
+def make_dirs(path: str, mode: int = 0o777) -> None:
+    """os.makedirs(path, mode, exist_ok=True): the missing levels made (`mode`
+    for the last, the default for those above it); FileExistsError when
+    something other than a directory stands at `path`."""
+    try:
+        posix.mkdir(path, mode)
+    except FileExistsError:
+        if not is_dir(path):
+            raise
+    except FileNotFoundError:
+        head = dirname(path.rstrip("/"))
+        if not head or head == path:
+            raise
+        make_dirs(head)
+        try:
+            posix.mkdir(path, mode)
+        except FileExistsError:
+            if not is_dir(path):
+                raise
+
+
+def realpath(path: str) -> str:
+    """The path the kernel reaches `path` by, every symlink resolved (as mount(2)
+    resolves a mount point); OSError when it does not exist."""
+    fd = posix.open(path, posix.O_PATH | posix.O_CLOEXEC)
+    try:
+        return posix.readlink(f"/proc/self/fd/{fd}")
+    finally:
+        posix.close(fd)
+
+
 def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data`, durably; its directory is opened without following a final symlink."""
-    directory, name = os.path.split(path)
+    directory, name = split(path)
     dir_fd = open_dir(directory or ".")
     try:
         write_atomic_at(dir_fd, name, data, mode, display=path)
     finally:
-        os.close(dir_fd)
+        posix.close(dir_fd)
 
 
 
@@ -133,14 +198,14 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
 # descriptor of a directory opened with O_NOFOLLOW|O_DIRECTORY: a symlink
 # planted anywhere below it is refused or removed, never followed.
 
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_DIR = posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW | posix.O_CLOEXEC
 
 
 def open_dir(name: str, dir_fd: int | None = None, display: str | None = None) -> int:
     """A real directory's descriptor (never through a final symlink); StoreError otherwise."""
     shown = display or name
     try:
-        return os.open(name, _O_DIR, dir_fd=dir_fd)
+        return posix.open(name, _O_DIR, dir_fd=dir_fd)
     except FileNotFoundError:
         raise StoreError(f"{shown}: missing") from None
     except OSError as e:
@@ -160,42 +225,42 @@ def open_beneath(top: str, rel: str, *, create: bool = False) -> tuple[int, list
     come back, to be said.
     """
     try:
-        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = posix.open(top, posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
     except OSError as e:
         raise StoreError(f"{top}: cannot open the directory: {e.strerror}") from None
     replaced: list[str] = []
     try:
-        device = os.fstat(fd).st_dev
+        device = posix.fstat(fd).st_dev
         path = top.rstrip("/")
         for part in (p for p in rel.split("/") if p):
             path = f"{path}/{part}"
             try:
-                inner = os.open(part, _O_DIR, dir_fd=fd)
+                inner = posix.open(part, _O_DIR, dir_fd=fd)
             except FileNotFoundError:
                 if not create:
                     raise StoreError(f"{path}: missing") from None
                 _mkdir_at(fd, part, path)
-                inner = os.open(part, _O_DIR, dir_fd=fd)
+                inner = posix.open(part, _O_DIR, dir_fd=fd)
             except OSError as e:
                 if e.errno not in (errno.ELOOP, errno.ENOTDIR) or not create:
                     raise StoreError(f"{path}: not a directory (a symlink or a file), not followed") from None
                 remove_at(fd, part, path)
                 replaced.append(path)
                 _mkdir_at(fd, part, path)
-                inner = os.open(part, _O_DIR, dir_fd=fd)
-            os.close(fd)
+                inner = posix.open(part, _O_DIR, dir_fd=fd)
+            posix.close(fd)
             fd = inner
-            if os.fstat(fd).st_dev != device:
+            if posix.fstat(fd).st_dev != device:
                 raise StoreError(f"{path}: on another file system (a mount point), not followed")
     except BaseException:
-        os.close(fd)
+        posix.close(fd)
         raise
     return fd, replaced
 
 
 def _mkdir_at(dir_fd: int, name: str, shown: str) -> None:
     try:
-        os.mkdir(name, 0o700, dir_fd=dir_fd)
+        posix.mkdir(name, 0o700, dir_fd=dir_fd)
     except OSError as e:
         raise StoreError(f"{shown}: cannot create: {e.strerror}") from None
 
@@ -210,34 +275,34 @@ def write_atomic_at(dir_fd: int, name: str, data: bytes, mode: int = 0o644, disp
     temporary is removed and StoreError names the file.
     """
     shown = display or name
-    tmp = f"{name}.{os.getpid()}.tmp"
+    tmp = f"{name}.{posix.getpid()}.tmp"
     try:
-        fd = os.open(tmp, _O_TEMP, mode, dir_fd=dir_fd)
+        fd = posix.open(tmp, _O_TEMP, mode, dir_fd=dir_fd)
     except FileExistsError:
-        remove_at(dir_fd, tmp, f"{shown}.{os.getpid()}.tmp")
+        remove_at(dir_fd, tmp, f"{shown}.{posix.getpid()}.tmp")
         fd = -1
     except OSError as e:
-        raise StoreError(f"{shown}.{os.getpid()}.tmp: cannot create: {e.strerror}") from None
+        raise StoreError(f"{shown}.{posix.getpid()}.tmp: cannot create: {e.strerror}") from None
     try:
         if fd < 0:
-            fd = os.open(tmp, _O_TEMP, mode, dir_fd=dir_fd)
+            fd = posix.open(tmp, _O_TEMP, mode, dir_fd=dir_fd)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-        os.close(fd)
+            view = view[posix.write(fd, view) :]
+        posix.fsync(fd)
+        posix.close(fd)
         fd = -1
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        posix.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as e:
         if fd >= 0:
-            os.close(fd)
+            posix.close(fd)
         try:
-            os.unlink(tmp, dir_fd=dir_fd)
+            posix.unlink(tmp, dir_fd=dir_fd)
         except OSError:
             pass
         raise StoreError(f"{shown}: cannot write: {e.strerror}") from None
     try:
-        os.fsync(dir_fd)
+        posix.fsync(dir_fd)
     except OSError as e:
         raise StoreError(f"{shown}: cannot sync its directory: {e.strerror}") from None
 
@@ -251,7 +316,7 @@ def remove_at(dir_fd: int, name: str, display: str | None = None) -> bool:
     """
     shown = display or name
     try:
-        st = os.lstat(name, dir_fd=dir_fd)
+        st = posix.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return False
     except OSError as e:
@@ -260,7 +325,7 @@ def remove_at(dir_fd: int, name: str, display: str | None = None) -> bool:
         if stat.S_ISDIR(st.st_mode):
             _remove_tree(dir_fd, name)
         else:
-            os.unlink(name, dir_fd=dir_fd)
+            posix.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return False
     except OSError as e:
@@ -269,15 +334,15 @@ def remove_at(dir_fd: int, name: str, display: str | None = None) -> bool:
 
 
 def _remove_tree(dir_fd: int, name: str) -> None:
-    fd = os.open(name, _O_DIR, dir_fd=dir_fd)
+    fd = posix.open(name, _O_DIR, dir_fd=dir_fd)
     try:
-        with os.scandir(fd) as entries:
+        with posix.scandir(fd) as entries:
             children = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
         for child, is_dir in children:
             if is_dir:
                 _remove_tree(fd, child)
             else:
-                os.unlink(child, dir_fd=fd)
+                posix.unlink(child, dir_fd=fd)
     finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
+        posix.close(fd)
+    posix.rmdir(name, dir_fd=dir_fd)

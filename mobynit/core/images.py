@@ -27,11 +27,13 @@ device reads.
 
 from __future__ import annotations
 
-import os
+import posix
 
 from mobynit.core import syscalls, sysext
 from mobynit.core.errors import StoreError, shown
+from mobynit.core.fileio import make_dirs
 from mobynit.core.model import Container, Extension, Layer
+from mobynit.core.paths import basename, dirname
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -40,8 +42,8 @@ if TYPE_CHECKING:
     from mobynit.core.facts import LayerFacts
 
 _S_IFMT, _S_IFDIR, _S_IFREG, _S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_IMAGE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # a FIFO never blocks the boot
+_O_DIR = posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW | posix.O_CLOEXEC
+_O_IMAGE = posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC  # a FIFO never blocks the boot
 # What a directory image's name may hold: it becomes a lower layer's name in a mount option.
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+@-")
 
@@ -52,7 +54,7 @@ def mount_image(fd: int, target: str, kind: str) -> None:
     try:
         syscalls.mount(device, target, kind, syscalls.MS_RDONLY | syscalls.MS_NODEV | syscalls.MS_NOSUID)
     finally:
-        os.close(dev_fd)  # the mount holds the device now; without one it detaches
+        posix.close(dev_fd)  # the mount holds the device now; without one it detaches
 
 
 class Mounts:
@@ -77,11 +79,11 @@ class Mounts:
             self.prepare(kind)
         n = len(self.points)
         try:
-            os.makedirs(self.base, mode=0o700, exist_ok=True)
+            make_dirs(self.base, 0o700)
             while True:  # a name a killed run left behind is skipped, not reused
                 point = f"{self.base}/{n}"
                 try:
-                    os.mkdir(point, 0o700)
+                    posix.mkdir(point, 0o700)
                     break
                 except FileExistsError:
                     n += 1
@@ -90,7 +92,7 @@ class Mounts:
         try:
             mount_image(fd, point, kind)
         except OSError:
-            os.rmdir(point)
+            posix.rmdir(point)
             raise
         self.points.append(point)
         return point
@@ -99,7 +101,7 @@ class Mounts:
         """Detach one image (its overlay, if any, keeps its own reference)."""
         try:
             syscalls.umount(point, syscalls.MNT_DETACH)
-            os.rmdir(point)
+            posix.rmdir(point)
         except OSError:
             pass  # the work directory's next user detaches what is left (workdir.py)
         if point in self.points:
@@ -115,7 +117,7 @@ def kernel_refusal(top: str, kernel_release: str, abi_token: str | None) -> str 
     return kernel_verdict({}, probe_modules([top], kernel_release, prefix="usr/"), kernel_release, abi_token)
 
 
-def image_id(name: str, st: os.stat_result) -> str:
+def image_id(name: str, st: posix.stat_result) -> str:
     """A 64-hex id for an image, as boot records and the attempts file want one:
     another file (or the same one rewritten) is another id, so a new image
     counts as a new set of extensions for the fallback (docs/fallback.md)."""
@@ -130,7 +132,7 @@ def find(directory: str, device: int, mounts: Mounts, kernel_release: str) -> li
     refused ones with their fault; usable ones ranked, the highest version on top.
     Nothing raises: an unreadable directory is one faulted entry."""
     try:
-        st = os.lstat(directory)
+        st = posix.lstat(directory)
     except FileNotFoundError:
         return []
     except OSError as e:
@@ -139,12 +141,12 @@ def find(directory: str, device: int, mounts: Mounts, kernel_release: str) -> li
         what = "a symlink" if st.st_mode & _S_IFMT == _S_IFLNK else "not a directory on the data partition"
         return [_refused(directory, f"{directory} is {what}, not followed")]
     try:
-        fd = os.open(directory, _O_DIR)
+        fd = posix.open(directory, _O_DIR)
     except OSError as e:
         return [_refused(directory, f"{directory}: cannot open: {e.strerror}")]
     found: list[Extension] = []
     try:
-        for name in sorted(os.listdir(fd)):
+        for name in sorted(posix.listdir(fd)):
             if name.startswith("."):
                 continue
             ext = _one(directory, fd, name, device, mounts, kernel_release)
@@ -153,7 +155,7 @@ def find(directory: str, device: int, mounts: Mounts, kernel_release: str) -> li
     except OSError as e:
         found.append(_refused(directory, f"{directory}: cannot read: {e.strerror}"))
     finally:
-        os.close(fd)
+        posix.close(fd)
     usable = sorted((e for e in found if e.fault is None), key=lambda e: sysext.version_key(e.name), reverse=True)
     ranks = {e.id: i for i, e in enumerate(usable)}
     return [e.replace(rank=ranks[e.id]) if e.id in ranks else e for e in found]
@@ -163,7 +165,7 @@ def _refused(path: str, fault: str, name: str | None = None, kind: str | None = 
     import hashlib
 
     ident = hashlib.sha256(f"sysext\0{path}".encode("utf-8", "surrogateescape")).hexdigest()
-    return Extension(id=ident, name=name or os.path.basename(path), container=None, modules=None, fault=fault,
+    return Extension(id=ident, name=name or basename(path), container=None, modules=None, fault=fault,
                      image=kind or "image")
 
 
@@ -173,7 +175,7 @@ def _one(directory: str, dir_fd: int, entry: str, device: int, mounts: Mounts,
     said = f"{shown(directory, 1000)}/{shown(entry)}"  # the operator's directory whole, the entry's name capped
     name = entry[:-4] if entry.endswith(".raw") else entry
     try:
-        st = os.lstat(entry, dir_fd=dir_fd)
+        st = posix.lstat(entry, dir_fd=dir_fd)
     except OSError as e:
         return _refused(path, f"{said}: {e.strerror}", name)
     kind = st.st_mode & _S_IFMT
@@ -191,11 +193,11 @@ def _one(directory: str, dir_fd: int, entry: str, device: int, mounts: Mounts,
     if kind != _S_IFREG:
         return _refused(path, f"{said} is not a regular file, not opened", name)
     try:
-        fd = os.open(entry, _O_IMAGE, dir_fd=dir_fd)
+        fd = posix.open(entry, _O_IMAGE, dir_fd=dir_fd)
     except OSError as e:
         return _refused(path, f"{said}: cannot open: {e.strerror}", name)
     try:
-        fst = os.fstat(fd)
+        fst = posix.fstat(fd)
         if fst.st_mode & _S_IFMT != _S_IFREG or (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
             return _refused(path, f"{said}: changed while being read", name)
         fs, fault = sysext.identify_open(fd, said, fst.st_size)
@@ -208,7 +210,7 @@ def _one(directory: str, dir_fd: int, entry: str, device: int, mounts: Mounts,
     except OSError as e:
         return _refused(path, f"{said}: cannot read: {e.strerror}", name)
     finally:
-        os.close(fd)
+        posix.close(fd)
     ext = _describe(path, said, name, fs, top, image_id(entry, fst), kernel_release)
     if ext.fault is not None:
         mounts.release(top)
@@ -247,8 +249,8 @@ def _describe(path: str, said: str, name: str, kind: str, top: str, ident: str, 
         modules = probe_modules([top], kernel_release, [facts], prefix="usr/")
     except StoreError as e:  # a Module.symvers that is not a readable regular file
         return refused(str(e))
-    layer = Layer(id=ident, path=top, link=os.path.basename(top), facts=facts)
+    layer = Layer(id=ident, path=top, link=basename(top), facts=facts)
     container = Container(id=ident, name=name, labels={}, state=None, layers=(layer,),
-                          overlay2=os.path.dirname(top), config=path)
+                          overlay2=dirname(top), config=path)
     return Extension(id=ident, name=name, container=container, modules=modules, fault=None, release=release,
                      release_name=name, image=kind)

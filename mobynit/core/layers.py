@@ -10,7 +10,7 @@ are never followed; files are read through mobynit.core.fileio.
 
 from __future__ import annotations
 
-import os
+import posix
 import stat
 
 from mobynit.core.compat import RELEASE_DIR, parse_os_release
@@ -42,7 +42,7 @@ def _layer_lookup(layer: str, parts: Sequence[str]) -> tuple[str | None, bool]:
     for depth, part in enumerate(parts):
         path = f"{path}/{part}"
         try:
-            st = os.lstat(path)
+            st = posix.lstat(path)
         except OSError:
             return None, False
         last = depth == len(parts) - 1
@@ -65,7 +65,7 @@ def _layer_lookup(layer: str, parts: Sequence[str]) -> tuple[str | None, bool]:
 
 def _is_opaque(path: str) -> bool:
     try:
-        return os.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
+        return posix.getxattr(path, "trusted.overlay.opaque", follow_symlinks=False) == b"y"
     except OSError:
         return False
 
@@ -134,7 +134,7 @@ def _names_in(layers: Sequence[str], relpath: str) -> set[str]:
             break
         if kind == "dir":
             try:
-                with os.scandir(f"{layer}/{relpath}") as it:
+                with posix.scandir(f"{layer}/{relpath}") as it:
                     for entry in it:
                         if entry.name in hidden or entry.name in names:
                             continue

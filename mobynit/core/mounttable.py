@@ -7,6 +7,7 @@ overlays stack at /usr and whose they are.
 
 from __future__ import annotations
 
+from mobynit.core.fileio import realpath
 from mobynit.core.model import Record
 
 TYPE_CHECKING = False
@@ -47,9 +48,11 @@ def mount_points() -> list[str]:
 
 def is_mount_point(path: str) -> bool:
     """Whether anything is mounted at `path` (symlinks resolved, as mount(2) resolves them)."""
-    import os
-
-    return os.path.realpath(path) in mount_points()
+    try:
+        where = realpath(path)
+    except OSError:
+        return False  # nothing can be mounted where nothing is
+    return where in mount_points()
 
 
 def stack_at(path: str, table: Sequence[MountEntry] | None = None) -> list[MountEntry]:

@@ -30,10 +30,11 @@ readable beside the operations it emits.
 
 from __future__ import annotations
 
-import os
+import posix
 
 from mobynit.core import syscalls
 from mobynit.core.errors import shown
+from mobynit.core.fileio import make_dirs
 from mobynit.core.model import OVERRIDE, SYSEXT, Record
 
 TYPE_CHECKING = False
@@ -99,7 +100,7 @@ class MakeDir(Operation):
         return _op_json("mkdir", target=self.path, owner=self.owner)
 
     def execute(self) -> None:
-        os.makedirs(self.path, mode=0o755, exist_ok=True)
+        make_dirs(self.path, 0o755)
 
 
 class Mount(Operation):
@@ -166,25 +167,25 @@ class FsMount(Operation):
     def execute(self) -> None:
         fs = syscalls.fsopen("overlay")
         try:
-            back = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            back = posix.open(".", posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
             try:
                 here = None
                 for cwd, path in self.layers:
                     if cwd != here:  # layers come grouped by store: one chdir per group
-                        os.chdir(cwd or "/")
+                        posix.chdir(cwd or "/")
                         here = cwd
                     syscalls.fsconfig_string(fs, "lowerdir+", path)
             finally:
-                os.fchdir(back)
-                os.close(back)
+                posix.fchdir(back)
+                posix.close(back)
             syscalls.fsconfig_create(fs)
             mnt = syscalls.fsmount(fs, syscalls.MOUNT_ATTR_RDONLY)
         finally:
-            os.close(fs)
+            posix.close(fs)
         try:
             syscalls.move_mount_to(mnt, self.target)
         finally:
-            os.close(mnt)
+            posix.close(mnt)
 
     def undo(self) -> None:
         syscalls.umount(self.target, syscalls.MNT_DETACH)
@@ -206,14 +207,14 @@ class LinkLayers(Operation):
         return doc
 
     def execute(self) -> None:
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        make_dirs(self.directory, 0o700)
         for name, target in self.links:
             path = f"{self.directory}/{name}"
             try:
-                os.symlink(target, path)
+                posix.symlink(target, path)
             except FileExistsError:  # a previous attempt's: replace it
-                os.unlink(path)
-                os.symlink(target, path)
+                posix.unlink(path)
+                posix.symlink(target, path)
 
     def undo(self) -> None:
         RemoveLinks(directory=self.directory, names=tuple(n for n, _ in self.links), owner=self.owner).execute()
@@ -235,10 +236,10 @@ class RemoveLinks(Operation):
     def execute(self) -> None:
         for name in self.names:
             try:
-                os.unlink(f"{self.directory}/{name}")
+                posix.unlink(f"{self.directory}/{name}")
             except FileNotFoundError:
                 pass
-        os.rmdir(self.directory)
+        posix.rmdir(self.directory)
 
 
 class Detach(Operation):
@@ -268,7 +269,7 @@ class RemoveDir(Operation):
         return _op_json("rmdir", target=self.path, owner=self.owner)
 
     def execute(self) -> None:
-        os.rmdir(self.path)
+        posix.rmdir(self.path)
 
 
 class _cwd:
@@ -282,13 +283,13 @@ class _cwd:
 
     def __enter__(self) -> None:
         if self.path is not None:
-            self.back = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            os.chdir(self.path)
+            self.back = posix.open(".", posix.O_RDONLY | posix.O_DIRECTORY | posix.O_CLOEXEC)
+            posix.chdir(self.path)
 
     def __exit__(self, *exc: object) -> None:
         if self.back >= 0:
-            os.fchdir(self.back)
-            os.close(self.back)
+            posix.fchdir(self.back)
+            posix.close(self.back)
 
 
 class Plan(Record):

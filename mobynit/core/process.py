@@ -8,7 +8,7 @@ default are pure cost there (docs/benchmark.md measures both):
   hundred allocations: turned off for the run, ideally before the imports
   (initramfs/init's launch line does so first thing);
 - the teardown at exit, which clears every module and frees every object
-  one by one: skipped by flushing the standard streams, then `os._exit`.
+  one by one: skipped by flushing the standard streams, then `posix._exit`.
   Everything mobynit writes that must last goes through fileio's durable
   writes or is closed before this point (the boot record, the handover file).
 """
@@ -16,7 +16,7 @@ default are pure cost there (docs/benchmark.md measures both):
 from __future__ import annotations
 
 import gc
-import os
+import posix
 import sys
 
 STATUS_FLUSH_FAILED = 1  # what python3.11 -c returns when stdout cannot be flushed at exit, whatever the code said
@@ -43,4 +43,4 @@ def finish(status: int) -> None:
                     sys.stderr.write(f"cannot flush standard output: {e}\n")
                 except (OSError, ValueError, AttributeError):
                     pass
-    os._exit(status)
+    posix._exit(status)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from mobynit.core import jsonio
 from mobynit.core.errors import MobynitError, StoreError, shown
+from mobynit.core.fileio import make_dirs
 from mobynit.core.fileio import read_file, write_atomic
 from mobynit.core.model import Record
+from mobynit.core.paths import dirname
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -257,11 +259,11 @@ def _write(doc: dict[str, object], path: str) -> None:
     """A record, atomically and durably, its directory made if need be; compact, by the C
     encoder (indented output is pure Python, 40 ms for 500 extensions). Raises StoreError
     naming the file."""
-    import os
+    import posix
 
-    directory = os.path.dirname(path) or "."
+    directory = dirname(path) or "."
     try:
-        os.makedirs(directory, exist_ok=True)
+        make_dirs(directory)
     except OSError as e:
         raise StoreError(f"{directory}: cannot create: {e.strerror}") from None
     write_atomic(path, (jsonio.dumps(doc) + "\n").encode())

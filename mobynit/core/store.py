@@ -11,7 +11,7 @@ StoreError naming the file; the caller decides whether that sinks a boot
 
 from __future__ import annotations
 
-import os
+import posix
 import time
 
 from mobynit.core import jsonio
@@ -22,6 +22,7 @@ from mobynit.core.facts import LayerFacts
 from mobynit.core.facts import load as load_facts
 from mobynit.core.fileio import check_dir, read_file, read_text, readlink, require_dir
 from mobynit.core.model import Container, Extension, KernelModules, Layer
+from mobynit.core.paths import dirname
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ SMALL_LIMIT = 4096  # mount-id, lower
 PROBE = 16  # containers a scan reads before it judges whether sharing the rest out pays
 WORTH = 0.006  # seconds of reading each process must get for a fork to pay (docs/benchmark.md)
 MOUNTS = "image/overlay2/layerdb/mounts"
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_DIR = posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW | posix.O_CLOEXEC
 _S_IFMT, _S_IFDIR = 0o170000, 0o040000  # stat.S_IFMT(mode), stat.S_IFDIR, without a call
 
 
@@ -47,11 +48,11 @@ def _is_link(name: str) -> bool:
     return len(name) == LINK_LEN and LINK_CHARS.issuperset(name)
 
 
-def _dir_at(dir_fd: int, name: str, device: int, parent: str) -> os.stat_result:
+def _dir_at(dir_fd: int, name: str, device: int, parent: str) -> posix.stat_result:
     """require_dir for `name` below the open directory `parent`, its message built only
     when it fails: this runs a few times per container, on every boot."""
     try:
-        st = os.lstat(name, dir_fd=dir_fd)
+        st = posix.lstat(name, dir_fd=dir_fd)
         if st.st_mode & _S_IFMT == _S_IFDIR and st.st_dev == device:
             return st
     except OSError:
@@ -61,7 +62,7 @@ def _dir_at(dir_fd: int, name: str, device: int, parent: str) -> os.stat_result:
 
 
 def _dir_has_entries(path: str) -> bool:
-    with os.scandir(path) as it:
+    with posix.scandir(path) as it:
         return next(it, None) is not None
 
 
@@ -122,14 +123,14 @@ class Store:
 
     def __init__(self, root: str, top: str | None = None) -> None:
         self.root = root.rstrip("/") or "/"
-        self.top = (top.rstrip("/") or "/") if top is not None else (os.path.dirname(self.root) or "/")
+        self.top = (top.rstrip("/") or "/") if top is not None else (dirname(self.root) or "/")
         self.containers = f"{self.root}/containers"
         self.mounts = f"{self.root}/image/overlay2/layerdb/mounts"
         self.overlay2 = f"{self.root}/overlay2"
         self._device: int | None = None
         self._fds: dict[str, int] = {}  # "" (the root) and the store's directories, by path below the root
         self._users = 0
-        self._diffs: dict[str, os.stat_result] = {}  # layer id -> lstat of its checked diff/
+        self._diffs: dict[str, posix.stat_result] = {}  # layer id -> lstat of its checked diff/
         self._facts: dict[str, LayerFacts | None] = {}
 
     def device(self) -> int:
@@ -137,7 +138,7 @@ class Store:
         store root are checked to be real directories on it (the root, by _fd)."""
         if self._device is None:
             try:
-                device = os.stat(self.top).st_dev  # the operator's own path: followed
+                device = posix.stat(self.top).st_dev  # the operator's own path: followed
             except OSError as e:
                 raise StoreError(f"{self.top}: {e.strerror}") from None
             path = self.top
@@ -159,14 +160,14 @@ class Store:
         if not rel:
             # The root was checked level by level from `top` by device(); it is `top` itself
             # only when the operator named it so, and then it is followed like `top`.
-            flags = _O_DIR & ~os.O_NOFOLLOW if self.root == self.top else _O_DIR
+            flags = _O_DIR & ~posix.O_NOFOLLOW if self.root == self.top else _O_DIR
             parent, name, shown = None, self.root, self.root
         else:
             parent_rel, _, name = rel.rpartition("/")
             parent = self._fd(parent_rel)
             flags, shown = _O_DIR, f"{self.root}/{rel}"
         try:
-            fd = os.open(name, flags, dir_fd=parent)
+            fd = posix.open(name, flags, dir_fd=parent)
         except FileNotFoundError:
             if missing_ok:
                 return -1
@@ -176,9 +177,9 @@ class Store:
             require_dir(name, device, dir_fd=parent, display=shown)
             raise StoreError(f"{shown}: cannot open the directory: {e.strerror}") from None
         try:
-            check_dir(os.fstat(fd), shown, device)
+            check_dir(posix.fstat(fd), shown, device)
         except (StoreError, OSError):
-            os.close(fd)
+            posix.close(fd)
             raise
         self._fds[rel] = fd  # only once checked: later calls trust it
         return fd
@@ -191,7 +192,7 @@ class Store:
         if not self._users:
             fds, self._fds = self._fds, {}
             for fd in fds.values():
-                os.close(fd)
+                posix.close(fd)
 
     def container(self, cid: str) -> Container:
         """The container `cid` with its layer stack; raises StoreError."""
@@ -260,7 +261,7 @@ class Store:
             raise StoreError(f"{lower_path}: no image layers below the -init layer")
         return tuple(stack)
 
-    def _diff(self, lid: str) -> os.stat_result:
+    def _diff(self, lid: str) -> posix.stat_result:
         """`overlay2/<lid>` and its `diff/`, each a real directory on the partition; checked once per layer."""
         st = self._diffs.get(lid)
         if st is None:
@@ -309,7 +310,7 @@ class Store:
             if fd < 0:
                 return []
             try:
-                with os.scandir(fd) as entries:
+                with posix.scandir(fd) as entries:
                     names = sorted((e.name, e.is_dir(follow_symlinks=False)) for e in entries)
             except OSError as e:
                 raise StoreError(f"{self.containers}: cannot read: {e.strerror}") from None
@@ -408,7 +409,7 @@ def shares(spans: Sequence[float], left: int, cpus: int, worth: float) -> int:
 def _cpus() -> int:
     """The CPUs this process may run on."""
     try:
-        return len(os.sched_getaffinity(0))
+        return len(posix.sched_getaffinity(0))
     except OSError:
         return 1
 
@@ -472,7 +473,7 @@ _LOOKUPS: tuple[Callable[..., KernelModules | None], Callable[..., tuple[str, di
 def _present(path: str) -> bool:
     """Whether `path` exists; a file system that cannot tell (damaged, EUCLEAN) is said, not read as absent."""
     try:
-        os.lstat(path)
+        posix.lstat(path)
     except FileNotFoundError:
         return False
     except OSError as e:

@@ -10,7 +10,8 @@ it into a sentence without guessing what failed.
 
 from __future__ import annotations
 
-import os
+import posix
+import sys
 
 # From <linux/mount.h> and <sched.h>.
 MS_RDONLY = 0x1
@@ -127,12 +128,12 @@ def _libc() -> _Libc:
 
 
 def _enc(s: str | None) -> bytes | None:
-    return None if s is None else os.fsencode(s)
+    return None if s is None else s.encode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())  # os.fsencode
 
 
 def _fail(call: str) -> OSError:
     err = _libc().get_errno()
-    return OSError(err, f"{call}: {os.strerror(err)}")
+    return OSError(err, f"{call}: {posix.strerror(err)}")
 
 
 def mount(source: str | None, target: str, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
@@ -224,7 +225,7 @@ def fsmount_fd(fstype: str, options: list[tuple[str, str]], attr_flags: int = MO
         fsconfig_create(fd)
         return fsmount(fd, attr_flags)
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def finit_module(fd: int, name: str) -> None:
@@ -240,7 +241,7 @@ def loop_attach(image_fd: int) -> tuple[str, int]:
     import ctypes
     import struct
 
-    ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    ctl = posix.open("/dev/loop-control", posix.O_RDWR | posix.O_CLOEXEC)
     try:
         for _attempt in range(8):  # another process may take the free device first
             number = _libc().ioctl(ctl, LOOP_CTL_GET_FREE)
@@ -248,7 +249,7 @@ def loop_attach(image_fd: int) -> tuple[str, int]:
                 raise _fail("loop-control get free")
             path = f"/dev/loop{number}"
             try:
-                dev = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                dev = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
             except FileNotFoundError:
                 raise OSError(2, f"{path}: no device node (is devtmpfs mounted?)") from None
             # struct loop_config: fd, block_size, struct loop_info64 (232 bytes), 64 reserved bytes.
@@ -258,9 +259,9 @@ def loop_attach(image_fd: int) -> tuple[str, int]:
             if _libc().ioctl(dev, LOOP_CONFIGURE, config) == 0:
                 return path, dev
             err = ctypes.get_errno()
-            os.close(dev)
+            posix.close(dev)
             if err != 16:  # EBUSY: taken meanwhile, ask again
-                raise OSError(err, f"loop configure {path}: {os.strerror(err)}")
+                raise OSError(err, f"loop configure {path}: {posix.strerror(err)}")
         raise OSError(16, "no free loop device after 8 attempts")
     finally:
-        os.close(ctl)
+        posix.close(ctl)

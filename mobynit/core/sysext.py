@@ -15,13 +15,14 @@ appear in the merged tree as symlinks, as systemd-sysext shows them.
 
 from __future__ import annotations
 
-import os
+import posix
 import stat
 
 from mobynit.core import compat
 from mobynit.core.errors import StoreError, shown
 from mobynit.core.fileio import read_file
 from mobynit.core.model import Record
+from mobynit.core.paths import join
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def discover(root: str) -> list[Image]:
         if directory is None:
             continue
         try:
-            names = sorted(os.listdir(directory))
+            names = sorted(posix.listdir(directory))
         except OSError:
             continue
         for entry in names:
@@ -81,9 +82,9 @@ def _real_dir(root: str, rel: str) -> str | None:
     """`root/rel` when every component below root is a real directory; None otherwise."""
     path = root.rstrip("/") or "/"
     for part in rel.split("/"):
-        path = os.path.join(path, part)
+        path = join(path, part)
         try:
-            st = os.lstat(path)
+            st = posix.lstat(path)
         except OSError:
             return None
         if not stat.S_ISDIR(st.st_mode):
@@ -92,9 +93,9 @@ def _real_dir(root: str, rel: str) -> str | None:
 
 
 def _entry(directory: str, entry: str) -> Image | None:
-    path = os.path.join(directory, entry)
+    path = join(directory, entry)
     try:
-        st = os.lstat(path)
+        st = posix.lstat(path)
     except OSError as e:
         return Image(name=entry, path=path, kind=None, fault=f"{path}: {e.strerror}")
     name = entry[:-4] if entry.endswith(".raw") else entry
@@ -114,22 +115,22 @@ def identify(path: str) -> tuple[str | None, str | None]:
     """(squashfs or erofs, None), or (None, why not): from the superblock, and
     whether the file is as long as the file system says it is."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = posix.open(path, posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC)
     except OSError as e:
         return None, f"{path}: cannot open: {e.strerror}"
     try:
-        return identify_open(fd, path, os.fstat(fd).st_size)
+        return identify_open(fd, path, posix.fstat(fd).st_size)
     except OSError as e:
         return None, f"{path}: cannot read: {e.strerror}"
     finally:
-        os.close(fd)
+        posix.close(fd)
 
 
 def identify_open(fd: int, path: str, size: int) -> tuple[str | None, str | None]:
     """`identify` of the image open as `fd` (`size` bytes long, `path` as it is to be
     named); raises OSError when it cannot be read."""
-    head = os.pread(fd, HEAD, 0)
-    gpt = os.pread(fd, 8, 512) == b"EFI PART" or os.pread(fd, 8, 4096) == b"EFI PART"
+    head = posix.pread(fd, HEAD, 0)
+    gpt = posix.pread(fd, 8, 512) == b"EFI PART" or posix.pread(fd, 8, 4096) == b"EFI PART"
     return classify(path, head, size, gpt)
 
 
@@ -174,7 +175,7 @@ def read_release(top: str, name: str) -> tuple[dict[str, str] | None, str | None
     for part in compat.RELEASE_DIR.split("/"):
         where = f"{where}/{part}"
         try:
-            st = os.lstat(where)
+            st = posix.lstat(where)
         except FileNotFoundError:
             return None, f"has no {release_path(name)} (systemd-sysext refuses such images too)"
         except OSError as e:
@@ -197,7 +198,7 @@ def read_release(top: str, name: str) -> tuple[dict[str, str] | None, str | None
 
 def _other_releases(directory: str) -> list[str]:
     try:
-        return sorted(n for n in os.listdir(directory) if n.startswith("extension-release."))[:3]
+        return sorted(n for n in posix.listdir(directory) if n.startswith("extension-release."))[:3]
     except OSError:
         return []
 
@@ -213,7 +214,7 @@ def content(top: str, hierarchies: Sequence[str]) -> tuple[list[str], str | None
     for h in hierarchies:
         path = top.rstrip("/") + h
         try:
-            st = os.lstat(path)
+            st = posix.lstat(path)
         except FileNotFoundError:
             continue
         except OSError as e:
@@ -225,7 +226,7 @@ def content(top: str, hierarchies: Sequence[str]) -> tuple[list[str], str | None
         has.append(h)
     firsts = {h.strip("/").split("/")[0] for h in hierarchies}
     try:
-        outside = sorted(n for n in os.listdir(top) if n not in firsts)
+        outside = sorted(n for n in posix.listdir(top) if n not in firsts)
     except OSError as e:
         return [], f"cannot list it: {e.strerror}", []
     return has, None, outside

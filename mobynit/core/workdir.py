@@ -13,13 +13,15 @@ that already has something mounted on it.
 from __future__ import annotations
 
 import fcntl
-import os
+import posix
 
 from mobynit.core import syscalls
 from mobynit.core.errors import MountError
+from mobynit.core.fileio import make_dirs
 from mobynit.core.mounttable import mount_points
+from mobynit.core.paths import normpath
 
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_DIR = posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW | posix.O_CLOEXEC
 
 
 class WorkDir:
@@ -28,27 +30,27 @@ class WorkDir:
     __slots__ = ("path", "fd")
 
     def __init__(self, path: str) -> None:
-        self.path = os.path.normpath(path)
+        self.path = normpath(path)
         self.fd = -1
 
     def __enter__(self) -> WorkDir:
         try:
-            os.makedirs(self.path, mode=0o755, exist_ok=True)
-            self.fd = os.open(self.path, _O_DIR)
+            make_dirs(self.path, 0o755)
+            self.fd = posix.open(self.path, _O_DIR)
         except OSError as e:
             raise MountError(f"work directory {self.path}: {e.strerror}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(self.fd)
+            posix.close(self.fd)
             raise MountError(f"work directory {self.path} is in use by another mobynit: wait for it to finish,"
                              " or give this one another --workdir") from None
-        if os.listdir(self.fd):  # an empty directory has nothing mounted beneath it
+        if posix.listdir(self.fd):  # an empty directory has nothing mounted beneath it
             self.clear()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)  # releases the lock
+        posix.close(self.fd)  # releases the lock
         self.fd = -1
 
     def clear(self) -> None:

@@ -11,11 +11,13 @@ boot may trust is decided in mobynit.initrd.partitions.
 
 from __future__ import annotations
 
-import os
+import posix
 import struct
 import time
 
+from mobynit.core.fileio import exists, realpath
 from mobynit.core.model import Record
+from mobynit.core.paths import basename, dirname, join
 
 SYS_BLOCK = "/sys/class/block"
 NETLINK_KOBJECT_UEVENT = 15  # <linux/netlink.h>; Python's socket module lacks the name
@@ -84,20 +86,20 @@ class Snapshot:
 
     def _scan(self) -> tuple[Part, ...]:
         try:
-            names = sorted(os.listdir(self.sys_block))
+            names = sorted(posix.listdir(self.sys_block))
         except OSError:
             return ()
         parts = []
         for name in names:
-            real = os.path.realpath(os.path.join(self.sys_block, name))
-            props = uevent_props(os.path.join(real, "uevent"))
+            real = realpath(join(self.sys_block, name))
+            props = uevent_props(join(real, "uevent"))
             number = props.get("PARTN")
             if number is not None and number.isdigit():
                 # A partition's sysfs directory sits inside its disk's.
-                disk = os.path.basename(os.path.dirname(real))
-                parts.append(Part(name, os.path.join(self.dev, name), disk, int(number), props.get("PARTNAME")))
+                disk = basename(dirname(real))
+                parts.append(Part(name, join(self.dev, name), disk, int(number), props.get("PARTNAME")))
             else:
-                parts.append(Part(name, os.path.join(self.dev, name), name, None, None))
+                parts.append(Part(name, join(self.dev, name), name, None, None))
         return tuple(parts)
 
     def ext(self, part: Part) -> tuple[str, str] | None:
@@ -109,14 +111,14 @@ class Snapshot:
     def partuuid(self, part: Part) -> str | None:
         if part.number is None:
             return None
-        return partition_uuid(os.path.join(self.dev, part.disk), part.number, _sector_size(self.sys_block, part.disk))
+        return partition_uuid(join(self.dev, part.disk), part.number, _sector_size(self.sys_block, part.disk))
 
     def matches(self, spec: DeviceSpec) -> list[Part]:
         """Every device `spec` names now, in /sys/class/block order."""
         if spec.key == "PATH":
             found = self.by_path(spec.value)
             return [] if found is None else [found]
-        return [p for p in self.parts if os.path.exists(p.path) and self._matches(spec, p)]
+        return [p for p in self.parts if exists(p.path) and self._matches(spec, p)]
 
     def _matches(self, spec: DeviceSpec, part: Part) -> bool:
         if spec.key in ("LABEL", "UUID"):
@@ -135,10 +137,10 @@ class Snapshot:
     def by_path(self, path: str) -> Part | None:
         """The device a /dev path names (devtmpfs names nodes as the kernel
         names devices; a symlink is followed), with the path as given."""
-        local = os.path.join(self.dev, path[5:]) if path.startswith("/dev/") else path
-        if not os.path.exists(local):
+        local = join(self.dev, path[5:]) if path.startswith("/dev/") else path
+        if not exists(local):
             return None
-        name = os.path.basename(os.path.realpath(local))
+        name = basename(realpath(local))
         for part in self.parts:
             if part.name == name:
                 return part.replace(path=path)
@@ -154,7 +156,7 @@ class Snapshot:
         table is scanned). Empty when the table cannot be read: the kernel's
         view is then all there is."""
         if disk not in self._tables:
-            self._tables[disk] = table_partitions(os.path.join(self.dev, disk), _sector_size(self.sys_block, disk))
+            self._tables[disk] = table_partitions(join(self.dev, disk), _sector_size(self.sys_block, disk))
         listed = self._tables[disk]
         if not listed:
             return []
@@ -198,7 +200,7 @@ def _guid_str(raw: bytes) -> str:
 
 def _sector_size(sys_block: str, disk: str) -> int:
     try:
-        with open(os.path.join(sys_block, disk, "queue", "logical_block_size"), encoding="ascii") as f:
+        with open(join(sys_block, disk, "queue", "logical_block_size"), encoding="ascii") as f:
             return int(f.read())
     except (OSError, ValueError):
         return 512

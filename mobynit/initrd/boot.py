@@ -31,7 +31,7 @@ Command line (besides the switches the assembler reads):
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
 import time
 
@@ -40,7 +40,9 @@ _IMPORTED = time.clock_gettime(time.CLOCK_BOOTTIME)  # before the package's own 
 from mobynit.core import assemble as assembler
 from mobynit.core import attempts, cmdline, syscalls
 from mobynit.core.errors import HostappError, MobynitError, StoreError, shown
+from mobynit.core.fileio import is_dir, is_file, is_link, lexists, make_dirs
 from mobynit.core.paths import ACTIVE_SYSROOT, store_paths
+from mobynit.core.paths import dirname
 from mobynit.core.record import DEFAULT_RECORD, BootInfo, BootRecord, Partition
 from mobynit.initrd import blockdev, partitions
 from mobynit.initrd.console import Console
@@ -78,7 +80,7 @@ class Boot:
         self.log = console.info
         self.phases: dict[str, float] = {}
         self.init_start = init_start
-        self.modules_loaded = _float(os.environ.get("MOBYNIT_MODULES_LOADED"))
+        self.modules_loaded = _float(posix.environ.get(b"MOBYNIT_MODULES_LOADED"))
         self.python_start = round(_IMPORTED, 3)
         self.python_ready = round(uptime(), 3)
         self.root: Partition | None = None
@@ -137,7 +139,7 @@ class Boot:
                      f"but not on its disk {root.disk}")
         fstype = self.cmd.get("rootfstype") or "ext4"
         start = time.monotonic()
-        os.makedirs(SYSROOT, exist_ok=True)
+        make_dirs(SYSROOT)
         try:
             syscalls.mount(path, SYSROOT, fstype, syscalls.MS_RDONLY)
         except OSError as e:
@@ -164,7 +166,7 @@ class Boot:
             self.data_reason = why
             return None
         start = time.monotonic()
-        os.makedirs(DATA, exist_ok=True)
+        make_dirs(DATA)
         try:
             # Read-write, as the booted system mounts it: an ext4 superblock
             # held read-only by the overlay would make that mount fail (EBUSY).
@@ -210,14 +212,14 @@ class Boot:
 
     def assemble(self, data: str | None) -> BootRecord:
         start = time.monotonic()
-        os.makedirs(NEWROOT, exist_ok=True)
-        os.makedirs(WORKDIR, exist_ok=True)
+        make_dirs(NEWROOT)
+        make_dirs(WORKDIR)
         record = assembler.assemble(
             store_paths(SYSROOT, data),
             target=NEWROOT,
             cmdline=self.cmd,
-            kernel_release=os.uname().release,
-            page_size=os.sysconf("SC_PAGE_SIZE"),
+            kernel_release=posix.uname().release,
+            page_size=posix.sysconf("SC_PAGE_SIZE"),
             workdir=WORKDIR,
             log=self.log,
             # Boots with extensions are counted on the data partition; unconfirmed
@@ -247,7 +249,7 @@ class Boot:
         found = resolve_in(NEWROOT, init)
         if found is None:
             raise HostappError(f"the hostapp has no {init} to hand over to")
-        if not os.path.isfile(found) or not os.access(found, os.X_OK):
+        if not is_file(found) or not posix.access(found, posix.X_OK):
             raise HostappError(f"the hostapp's {init} is not an executable file")
         return init
 
@@ -256,13 +258,13 @@ class Boot:
         start = time.monotonic()
         active = NEWROOT + ACTIVE
         try:
-            if os.path.isdir(active):
+            if is_dir(active):
                 syscalls.mount(SYSROOT, active, None, syscalls.MS_MOVE)
             else:
                 self.log(f"the hostapp has no {ACTIVE}: root partition not exposed")
                 syscalls.umount(SYSROOT, syscalls.MNT_DETACH)
             for path in MOVED:
-                if os.path.isdir(NEWROOT + path):
+                if is_dir(NEWROOT + path):
                     syscalls.mount(path, NEWROOT + path, None, syscalls.MS_MOVE)
                 else:
                     self.log(f"the hostapp has no {path}: its init must mount it")
@@ -285,27 +287,27 @@ def resolve_in(root: str, path: str, hops: int = 40) -> str | None:
             continue
         here = f"{done}/{part}"
         full = root + here
-        if os.path.islink(full):
+        if is_link(full):
             hops -= 1
             if hops < 0:
                 return None
-            target = os.readlink(full)
+            target = posix.readlink(full)
             if target.startswith("/"):
                 done = ""
             parts = [p for p in target.split("/") if p] + parts
             continue
-        if not os.path.lexists(full):
+        if not lexists(full):
             return None
         done = here
     return root + (done or "/")
 
 
 def run(console: Console, cmd: cmdline.Cmdline) -> int:
-    boot = Boot(cmd, console, _float(os.environ.get("MOBYNIT_INIT_START")))
+    boot = Boot(cmd, console, _float(posix.environ.get(b"MOBYNIT_INIT_START")))
     log = boot.log
     from mobynit import __version__
 
-    log(f"mobynit {__version__} on {os.uname().release}")
+    log(f"mobynit {__version__} on {posix.uname().release}")
     debug = console.debug
     debug(f"command line: {cmd.text.strip()}")
     debug(f"initramfs: init started at {boot.init_start} s, modules loaded at "
@@ -315,7 +317,7 @@ def run(console: Console, cmd: cmdline.Cmdline) -> int:
         data = boot.mount_data()
         record = boot.assemble(data)
         init = boot.init_path()
-        os.makedirs(os.path.dirname(RECORD), exist_ok=True)
+        make_dirs(dirname(RECORD))
         boot.move_mounts()
     except MobynitError as e:
         log(f"cannot boot: {e}")
@@ -332,7 +334,7 @@ def run(console: Console, cmd: cmdline.Cmdline) -> int:
         record.replace(boot=info).write(NEWROOT + RECORD)
     except StoreError as e:
         log(f"boot record not written: {e}")
-    os.makedirs(os.path.dirname(HANDOVER), exist_ok=True)
+    make_dirs(dirname(HANDOVER))
     with open(HANDOVER, "w", encoding="utf-8") as f:
         f.write(init + "\n")
     return EXIT_HANDOVER
@@ -343,7 +345,8 @@ def _named(spec: str, path: str) -> str:
     return path if spec == path else f"{spec} is {path}"
 
 
-def _float(text: str | None) -> float | None:
+def _float(text: bytes | None) -> float | None:
+    """A number /init exported (posix.environ holds bytes), None when absent or not a number."""
     try:
         return float(text) if text else None
     except ValueError:

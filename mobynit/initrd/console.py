@@ -14,7 +14,7 @@ puts the previous value back before handing over.
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
 
 from mobynit.core.errors import shown
@@ -38,7 +38,7 @@ class Console:
         self._kmsg: int | None = None
         self._devkmsg_before: str | None = None
         try:
-            self._kmsg = os.open(kmsg, os.O_WRONLY | os.O_CLOEXEC)
+            self._kmsg = posix.open(kmsg, posix.O_WRONLY | posix.O_CLOEXEC)
         except OSError:
             pass
         self._echo_level = _console_loglevel(printk_sysctl)
@@ -46,7 +46,7 @@ class Console:
         if self._kmsg is not None:
             # Kept open: /proc has moved into the new root by the time it is restored.
             try:
-                self._devkmsg = os.open(devkmsg_sysctl, os.O_RDWR | os.O_CLOEXEC)
+                self._devkmsg = posix.open(devkmsg_sysctl, posix.O_RDWR | posix.O_CLOEXEC)
                 self._devkmsg_before = _swap_sysctl(self._devkmsg, "on")
             except OSError:
                 pass
@@ -65,7 +65,7 @@ class Console:
         echoed = False
         if self._kmsg is not None:
             try:
-                os.write(self._kmsg, f"<{_USER | level}>{text}\n".encode("utf-8", "replace"))
+                posix.write(self._kmsg, f"<{_USER | level}>{text}\n".encode("utf-8", "replace"))
                 echoed = level < self._echo_level
             except OSError:
                 pass
@@ -81,10 +81,10 @@ class Console:
         if self._devkmsg is not None:
             if self._devkmsg_before is not None:
                 _swap_sysctl(self._devkmsg, self._devkmsg_before)
-            os.close(self._devkmsg)
+            posix.close(self._devkmsg)
             self._devkmsg = None
         if self._kmsg is not None:
-            os.close(self._kmsg)
+            posix.close(self._kmsg)
             self._kmsg = None
 
 
@@ -101,9 +101,9 @@ def _swap_sysctl(fd: int, value: str) -> str | None:
     """Set an open sysctl, returning what it was (None when it cannot be
     changed: `printk.devkmsg=` on the command line locks it)."""
     try:
-        before = os.pread(fd, 64, 0).decode("ascii").strip()
+        before = posix.pread(fd, 64, 0).decode("ascii").strip()
         if before != value:
-            os.pwrite(fd, f"{value}\n".encode("ascii"), 0)  # the kernel takes the word only with its newline
+            posix.pwrite(fd, f"{value}\n".encode("ascii"), 0)  # the kernel takes the word only with its newline
         return before
     except (OSError, UnicodeDecodeError):
         return None

@@ -10,9 +10,11 @@ at the first image that needs them; a boot without images never pays.
 
 from __future__ import annotations
 
-import os
+import posix
 
 from mobynit.core import syscalls
+from mobynit.core.fileio import is_dir
+from mobynit.core.paths import basename, dirname, join
 
 ON_DEMAND = "/lib/modules/on-demand"
 LOOP = "loop"
@@ -30,7 +32,7 @@ class OnDemand:
     def __call__(self, kind: str) -> None:
         for wanted, file in self._lines():
             if wanted in (LOOP, kind) and file not in self.loaded:
-                self._load(os.path.join(os.path.dirname(self.listing), file))
+                self._load(join(dirname(self.listing), file))
                 self.loaded.add(file)
 
     def _lines(self) -> list[tuple[str, str]]:
@@ -48,17 +50,17 @@ class OnDemand:
 
     @staticmethod
     def _load(path: str) -> None:
-        name = os.path.basename(path).removesuffix(".ko")
-        if os.path.isdir(f"/sys/module/{name.replace('-', '_')}"):
+        name = basename(path).removesuffix(".ko")
+        if is_dir(f"/sys/module/{name.replace('-', '_')}"):
             return  # loaded already (or built in)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = posix.open(path, posix.O_RDONLY | posix.O_CLOEXEC)
         except OSError as e:
             raise OSError(e.errno, f"module {name}: {e.strerror}") from None
         try:
             syscalls.finit_module(fd, name)
         except OSError as e:
             if e.errno != 17:  # EEXIST: loaded meanwhile
-                raise OSError(e.errno, f"cannot load module {name}: {os.strerror(e.errno) if e.errno else e}") from None
+                raise OSError(e.errno, f"cannot load module {name}: {posix.strerror(e.errno) if e.errno else e}") from None
         finally:
-            os.close(fd)
+            posix.close(fd)

@@ -21,10 +21,12 @@ in place of the device's own, by device-name order. The rules (docs/boot.md,
 
 from __future__ import annotations
 
-import os
+import posix
 import time
 
+from mobynit.core.fileio import exists, is_dir
 from mobynit.core.model import Record
+from mobynit.core.paths import dirname, join
 from mobynit.initrd import blockdev
 from mobynit.initrd.blockdev import DeviceSpec, Part, Snapshot
 
@@ -166,15 +168,15 @@ def loader_partuuid(efivars: str = EFIVARS) -> str | None:
     efivarfs is mounted read-only for the look and let go again when /init
     had not mounted it: the booted system mounts it as it wants.
     """
-    if not os.path.isdir(EFI if efivars == EFIVARS else os.path.dirname(efivars)):
+    if not is_dir(EFI if efivars == EFIVARS else dirname(efivars)):
         return None
-    path = os.path.join(efivars, LOADER_PARTUUID)
+    path = join(efivars, LOADER_PARTUUID)
     mounted = False
-    if not os.path.exists(path) and efivars == EFIVARS:
+    if not exists(path) and efivars == EFIVARS:
         from mobynit.core import syscalls
 
         try:
-            if os.listdir(efivars):
+            if posix.listdir(efivars):
                 return None  # efivarfs is there, without the variable: not systemd-boot
             syscalls.mount("efivarfs", efivars, "efivarfs",
                            syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC)

@@ -8,10 +8,11 @@ about 15 ms; each command imports what it needs when it runs.
 
 from __future__ import annotations
 
-import os
+import posix
 import sys
 
 from mobynit.core.errors import MobynitError, StoreError, UsageError
+from mobynit.core.fileio import is_dir, make_dirs
 from mobynit.core.options import Args, Command, Opt, closest, overview, parse
 from mobynit.core.paths import DEFAULT_TARGET, DEFAULT_WORKDIR
 from mobynit.core.record import DEFAULT_RECORD
@@ -139,7 +140,7 @@ def _paths(args: Args) -> StorePaths:
     store without a data partition, is a mistake in the command line."""
     from mobynit.core.paths import store_paths
 
-    if not os.path.isdir(args.sysroot):
+    if not is_dir(args.sysroot):
         raise UsageError(f"--sysroot {args.sysroot}: no such directory")
     if getattr(args, "data", None) is None and (getattr(args, "data_store", None) or getattr(args, "purge_marker", None)):
         given = "--data-store" if getattr(args, "data_store", None) else "--purge-marker"
@@ -168,7 +169,7 @@ def _cmdline(args: Args) -> Cmdline:
 
 def _page_size(args: Args) -> int:
     if args.page_size is None:
-        return os.sysconf("SC_PAGE_SIZE")
+        return posix.sysconf("SC_PAGE_SIZE")
     if args.page_size < 64:
         raise UsageError(f"--page-size {args.page_size} is too small to mean anything")
     return args.page_size
@@ -182,7 +183,7 @@ def _plan(args: Args) -> Plan:
     where = _paths(args)
     mounts = image_mounts(where, args.workdir)
     try:
-        sel = select(where, _cmdline(args), args.kernel_release or os.uname().release, images=mounts)
+        sel = select(where, _cmdline(args), args.kernel_release or posix.uname().release, images=mounts)
         return make_plan(sel, target=args.target, workdir=args.workdir, page_size=_page_size(args),
                          layout=_layout_choice(args))
     finally:
@@ -222,9 +223,9 @@ def cmd_mount(args: Args) -> int:
     from mobynit.core.assemble import make_plan, mount_plan, select
     from mobynit.core.cmdline import Cmdline
 
-    sel = select(_paths(args), Cmdline(""), os.uname().release, extensions=False)
+    sel = select(_paths(args), Cmdline(""), posix.uname().release, extensions=False)
     target = args.target or f"/run/mobynit/hostapp/{sel.hostapp.id}"
-    os.makedirs(target, exist_ok=True)
+    make_dirs(target)
     mount_plan(sel, target=target, workdir=args.workdir, page_size=_page_size(args), log=lambda line: None)
     print(target)
     return 0
@@ -238,13 +239,13 @@ def cmd_assemble(args: Args) -> int:
         if not args.quiet:
             print(f"mobynit: {line}", file=sys.stderr)
 
-    if not os.path.isdir(args.target):
+    if not is_dir(args.target):
         raise UsageError(f"target {args.target} is not a directory")
     record = assemble(
         _paths(args),
         target=args.target,
         cmdline=_cmdline(args),
-        kernel_release=args.kernel_release or os.uname().release,
+        kernel_release=args.kernel_release or posix.uname().release,
         page_size=_page_size(args),
         workdir=args.workdir,
         log=log,
@@ -279,7 +280,7 @@ def cmd_index(args: Args) -> int:
     """Walk every layer of the hostapp and of each readable extension once."""
     from mobynit.core.assemble import index_stores
 
-    written, total = index_stores(_paths(args), args.kernel_release or os.uname().release, force=args.force)
+    written, total = index_stores(_paths(args), args.kernel_release or posix.uname().release, force=args.force)
     print(f"{written} of {total} layers indexed")
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import marshal
 import os
+import posix
 import subprocess
 import sys
 import types
@@ -140,7 +141,7 @@ def test_results_marshal_cannot_carry_or_decode_refuses_are_redone_here() -> Non
 @pytest.mark.parametrize("refused", ["fork", "pipe2"])
 @pytest.mark.parametrize("at", [1, 2])
 def test_no_fork_to_be_had_means_the_rest_is_done_here(monkeypatch: pytest.MonkeyPatch, refused: str, at: int) -> None:
-    real = getattr(os, refused)
+    real = getattr(posix, refused)  # what fanout calls: the boot path uses posix, not os
     calls = []
 
     def refuse(*args: object) -> object:
@@ -149,7 +150,7 @@ def test_no_fork_to_be_had_means_the_rest_is_done_here(monkeypatch: pytest.Monke
             raise BlockingIOError(11, "Resource temporarily unavailable")
         return real(*args)
 
-    monkeypatch.setattr(os, refused, refuse)
+    monkeypatch.setattr(posix, refused, refuse)
     results = spread(square, 300, 4)
     assert [r[0] for r in results] == [i * i for i in range(300)]
     assert len({r[1] for r in results}) == at  # the children forked before the refusal did their slices

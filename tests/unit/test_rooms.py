@@ -23,7 +23,8 @@ ISLAND = ("core", "initrd")
 # The standard library modules the boot path may use, and why each.
 ALLOWED = {
     "__future__": "annotations",
-    "os": "everything", "stat": "file types", "sys": "streams", "time": "timings", "errno": "error numbers",
+    "posix": "the system calls; not `os`, whose import (its Python layer, _collections_abc) costs ~1 ms of every boot",
+    "stat": "file types", "sys": "streams", "time": "timings", "errno": "error numbers",
     "marshal": "results of a store read shared out among CPUs (mobynit.core.fanout); built in",
     "_signal": "signals blocked across fanout's fork; built in and loaded at start, where `signal` costs ~1 ms",
     "gc": "a short-lived run turns the cyclic collector off (mobynit.core.process)",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import posix
 import signal
 import subprocess
 import sys
@@ -527,7 +528,7 @@ def test_write_atomic_keeps_the_old_file_when_interrupted(tmp_path: Path, monkey
     def crash(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "fsync", crash)
+    monkeypatch.setattr(posix, "fsync", crash)  # what fileio calls
     with pytest.raises(StoreError, match="No space left on device"):
         fileio.write_atomic(str(path), b"new\n")
     assert path.read_bytes() == b"old\n" and os.listdir(tmp_path) == ["state.json"]

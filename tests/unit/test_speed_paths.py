@@ -10,6 +10,7 @@ reading to the calls it really makes (every lstat and open, recorded).
 from __future__ import annotations
 
 import os
+import posix
 import shutil
 import subprocess
 import sys
@@ -115,7 +116,8 @@ def test_the_short_lived_run_has_no_collector() -> None:
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Every lstat, stat, open and readlink the store makes, as (call, absolute path)."""
+    """Every lstat, stat, open and readlink the store makes, as (call, absolute path):
+    the boot path calls them from `posix` (not `os`), where the spies go."""
     seen: list[tuple[str, str]] = []
     readlink = os.readlink
 
@@ -124,14 +126,14 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
         return os.path.normpath(os.path.join(base, os.fsdecode(path)))  # type: ignore[arg-type]
 
     for name in ("lstat", "stat", "open", "readlink"):
-        real = getattr(os, name)
+        real = getattr(posix, name)
 
         def spy(path, *args, _real=real, _name=name, dir_fd=None, **kwargs):  # type: ignore[no-untyped-def]
             if isinstance(path, (str, bytes)):
                 seen.append((_name, where(path, dir_fd)))
             return _real(path, *args, dir_fd=dir_fd, **kwargs) if dir_fd is not None else _real(path, *args, **kwargs)
 
-        monkeypatch.setattr(os, name, spy)
+        monkeypatch.setattr(posix, name, spy)
     return seen
 
 
