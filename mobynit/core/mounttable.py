@@ -48,11 +48,12 @@ def mount_points() -> list[str]:
 
 def is_mount_point(path: str) -> bool:
     """Whether anything is mounted at `path` (symlinks resolved, as mount(2) resolves them)."""
+    table = mount_points()  # first: without /proc, this says so (realpath reads /proc/self/fd too)
     try:
         where = realpath(path)
     except OSError:
         return False  # nothing can be mounted where nothing is
-    return where in mount_points()
+    return where in table
 
 
 def stack_at(path: str, table: Sequence[MountEntry] | None = None) -> list[MountEntry]:

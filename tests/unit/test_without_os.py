@@ -107,3 +107,22 @@ def test_the_boot_entry_never_loads_os() -> None:
             "print(sorted(m for m in ('os', 'posixpath', '_collections_abc') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout == "[]\n", out.stdout
+
+
+def test_a_mount_point_is_found_through_a_symlink_and_nowhere_else(tmp_path: Path) -> None:
+    """is_mount_point against the kernel's own table, the way mount(2) resolves its target."""
+    from mobynit.core import syscalls
+    from mobynit.core.mounttable import is_mount_point
+
+    (tmp_path / "point").mkdir()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "link").symlink_to("point")
+    syscalls.mount("none", str(tmp_path / "point"), "tmpfs", 0, "")
+    try:
+        assert is_mount_point(str(tmp_path / "point")) and is_mount_point(str(tmp_path / "link"))
+        # the standard library's verdict: a mount point, and the symlink leads there
+        assert os.path.ismount(tmp_path / "point") and os.path.realpath(tmp_path / "link") == str(tmp_path / "point")
+        assert not is_mount_point(str(tmp_path / "plain"))
+        assert not is_mount_point(str(tmp_path / "missing"))
+    finally:
+        syscalls.umount(str(tmp_path / "point"))
