@@ -116,6 +116,13 @@ MUTANTS = [
     Mutant("fanout-child-field-lost", "mobynit/core/store.py",
            "                     release_name=release_name, image=image, rank=rank)",
            "                     release_name=None, image=image, rank=rank)", "tests/unit/test_fanout.py"),
+    # the boot path's own os.path: as the standard library computes it
+    Mutant("paths-dotdot-kept", "mobynit/core/paths.py", "        elif parts:\n            parts.pop()",
+           "        elif parts:\n            pass", "tests/unit/test_without_os.py"),
+    Mutant("make-dirs-file-accepted", "mobynit/core/fileio.py",
+           "        posix.mkdir(path, mode)\n    except FileExistsError:\n        if not is_dir(path):\n            raise",
+           "        posix.mkdir(path, mode)\n    except FileExistsError:\n        if not is_dir(path):\n            pass",
+           "tests/unit/test_without_os.py"),
     # the state on the data partition, and the work directory
     Mutant("attempts-dir-followed", "mobynit/core/fileio.py",
            "                inner = posix.open(part, _O_DIR, dir_fd=fd)\n            except FileNotFoundError:",
