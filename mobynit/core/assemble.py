@@ -20,8 +20,7 @@ from mobynit.core.errors import HostappError, MountError, StoreError, shown
 from mobynit.core.fileio import is_dir, lexists
 from mobynit.core.model import Record
 from mobynit.core.mounttable import is_mount_point
-from mobynit.core.paths import DEFAULT_WORKDIR, StorePaths
-from mobynit.core.paths import dirname
+from mobynit.core.paths import DEFAULT_WORKDIR, StorePaths, dirname
 from mobynit.core.record import BootRecord, Counted
 from mobynit.core.store import Store, hostapp_id
 from mobynit.core.workdir import WorkDir

@@ -19,8 +19,7 @@ import posix
 
 from mobynit.core import jsonio
 from mobynit.core.errors import StoreError
-from mobynit.core.fileio import make_dirs
-from mobynit.core.fileio import open_beneath, read_file, write_atomic_at
+from mobynit.core.fileio import make_dirs, open_beneath, read_file, write_atomic_at
 from mobynit.core.model import Record
 from mobynit.core.paths import split
 from mobynit.core.store import is_id

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from mobynit.core import jsonio
 from mobynit.core.errors import MobynitError, StoreError, shown
-from mobynit.core.fileio import make_dirs
-from mobynit.core.fileio import read_file, write_atomic
+from mobynit.core.fileio import make_dirs, read_file, write_atomic
 from mobynit.core.model import Record
 from mobynit.core.paths import dirname
 
@@ -259,8 +258,6 @@ def _write(doc: dict[str, object], path: str) -> None:
     """A record, atomically and durably, its directory made if need be; compact, by the C
     encoder (indented output is pure Python, 40 ms for 500 extensions). Raises StoreError
     naming the file."""
-    import posix
-
     directory = dirname(path) or "."
     try:
         make_dirs(directory)

@@ -41,8 +41,7 @@ from mobynit.core import assemble as assembler
 from mobynit.core import attempts, cmdline, syscalls
 from mobynit.core.errors import HostappError, MobynitError, StoreError, shown
 from mobynit.core.fileio import is_dir, is_file, is_link, lexists, make_dirs
-from mobynit.core.paths import ACTIVE_SYSROOT, store_paths
-from mobynit.core.paths import dirname
+from mobynit.core.paths import ACTIVE_SYSROOT, dirname, store_paths
 from mobynit.core.record import DEFAULT_RECORD, BootInfo, BootRecord, Partition
 from mobynit.initrd import blockdev, partitions
 from mobynit.initrd.console import Console
