@@ -150,24 +150,24 @@ def is_link(path: str) -> bool:
 
 
 def make_dirs(path: str, mode: int = 0o777) -> None:
-    """os.makedirs(path, mode, exist_ok=True): the missing levels made (`mode`
-    for the last, the default for those above it); FileExistsError when
-    something other than a directory stands at `path`."""
+    """os.makedirs(path, mode, exist_ok=True), step for step: the missing levels
+    made (`mode` for the last, the default for those above it); an error when
+    what stands at `path` is not a directory."""
+    head, tail = split(path)
+    if not tail:
+        head, tail = split(head)
+    if head and tail and not exists(head):
+        try:
+            make_dirs(head)
+        except FileExistsError:
+            pass  # made meanwhile, or a dangling symlink: the mkdir below says which
+        if tail == ".":
+            return
     try:
         posix.mkdir(path, mode)
-    except FileExistsError:
-        if not is_dir(path):
+    except OSError:
+        if not is_dir(path):  # EEXIST need not come first (EACCES, EROFS): a directory is all that was asked
             raise
-    except FileNotFoundError:
-        head = dirname(path.rstrip("/"))
-        if not head or head == path:
-            raise
-        make_dirs(head)
-        try:
-            posix.mkdir(path, mode)
-        except FileExistsError:
-            if not is_dir(path):
-                raise
 
 
 def realpath(path: str) -> str:

@@ -91,7 +91,10 @@ class Snapshot:
             return ()
         parts = []
         for name in names:
-            real = realpath(join(self.sys_block, name))
+            try:
+                real = realpath(join(self.sys_block, name))
+            except OSError:
+                continue  # gone since it was listed (unplugged, its partitions made anew): not there
             props = uevent_props(join(real, "uevent"))
             number = props.get("PARTN")
             if number is not None and number.isdigit():
@@ -138,9 +141,10 @@ class Snapshot:
         """The device a /dev path names (devtmpfs names nodes as the kernel
         names devices; a symlink is followed), with the path as given."""
         local = join(self.dev, path[5:]) if path.startswith("/dev/") else path
-        if not exists(local):
-            return None
-        name = basename(realpath(local))
+        try:
+            name = basename(realpath(local))
+        except OSError:
+            return None  # no such device (or gone since)
         for part in self.parts:
             if part.name == name:
                 return part.replace(path=path)

@@ -317,3 +317,16 @@ def test_settle_decides_at_once_without_listening(machine):
         lambda snap, final: choose_root(snap, DeviceSpec("LABEL=resin-rootA"), None, final), 5.0, "root", said.append,
         str(machine.sys_block), str(machine.dev))
     assert choice.part.name == "vda1" and waited == 0.0 and said == []
+
+
+def test_a_device_gone_between_listing_and_looking_is_not_there(machine):
+    """sysfs lists a device whose directory is gone by the time it is looked at (unplugged,
+    or its partitions made anew while boot waits): the snapshot leaves it out, and boot goes on."""
+    machine.disk("vda", DEVICE)
+    (machine.sys_block / "sdz").symlink_to(machine.devices / "gone" / "block" / "sdz")  # dangling, as after removal
+    snap = machine.snap()
+    names = [p.name for p in snap.parts]
+    assert "sdz" not in names and "vda2" in names
+    assert snap.by_path("/dev/sdz") is None  # no node and no sysfs entry: no device
+    (machine.dev / "vda").rename(machine.dev / "vda.gone")
+    assert snap.by_path("/dev/vda") is None

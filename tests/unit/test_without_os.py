@@ -92,7 +92,12 @@ def test_make_dirs_is_os_makedirs(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     (tmp_path / "file").write_text("x")
-    for target in (tmp_path / "file", tmp_path / "file" / "below"):
+    (tmp_path / "dangling").symlink_to("nowhere")
+    (tmp_path / "to-dir").symlink_to("ours")
+    fileio.make_dirs(str(tmp_path / "to-dir" / "a" / "b" / "."))  # through a symlink to a directory, to a "."
+    os.makedirs(tmp_path / "to-dir" / "a" / "b" / ".", exist_ok=True)
+    assert (tmp_path / "ours" / "a" / "b").is_dir()
+    for target in (tmp_path / "file", tmp_path / "file" / "below", tmp_path / "dangling", tmp_path / "dangling" / "sub"):
         with pytest.raises(OSError) as ours:
             fileio.make_dirs(str(target))
         with pytest.raises(OSError) as theirs:
