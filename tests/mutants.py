@@ -125,7 +125,7 @@ MUTANTS = [
            "tests/unit/test_without_os.py"),
     # the state on the data partition, and the work directory
     Mutant("attempts-dir-followed", "mobynit/core/fileio.py",
-           "                inner = posix.open(part, _O_DIR, dir_fd=fd)\n            except FileNotFoundError:",
+           "                inner = posix.open(part, O_DIR, dir_fd=fd)\n            except FileNotFoundError:",
            "                inner = posix.open(part, posix.O_RDONLY | posix.O_DIRECTORY, dir_fd=fd)\n            except FileNotFoundError:",
            "tests/unit/test_attempts_file.py"),
     Mutant("workdir-leftovers-kept", "mobynit/core/workdir.py", "            self.clear()", "            pass",

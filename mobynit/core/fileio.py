@@ -136,17 +136,17 @@ def lexists(path: str) -> bool:
 
 def is_dir(path: str) -> bool:
     """os.path.isdir: symlinks followed."""
-    return _kind(path, True) == 0o040000
+    return _kind(path, True) == stat.S_IFDIR
 
 
 def is_file(path: str) -> bool:
     """os.path.isfile: symlinks followed."""
-    return _kind(path, True) == 0o100000
+    return _kind(path, True) == stat.S_IFREG
 
 
 def is_link(path: str) -> bool:
     """os.path.islink."""
-    return _kind(path, False) == 0o120000
+    return _kind(path, False) == stat.S_IFLNK
 
 
 def make_dirs(path: str, mode: int = 0o777) -> None:
@@ -198,14 +198,14 @@ def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
 # descriptor of a directory opened with O_NOFOLLOW|O_DIRECTORY: a symlink
 # planted anywhere below it is refused or removed, never followed.
 
-_O_DIR = posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW | posix.O_CLOEXEC
+O_DIR = posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW | posix.O_CLOEXEC  # defined once: store, images, workdir and the runtime use it
 
 
 def open_dir(name: str, dir_fd: int | None = None, display: str | None = None) -> int:
     """A real directory's descriptor (never through a final symlink); StoreError otherwise."""
     shown = display or name
     try:
-        return posix.open(name, _O_DIR, dir_fd=dir_fd)
+        return posix.open(name, O_DIR, dir_fd=dir_fd)
     except FileNotFoundError:
         raise StoreError(f"{shown}: missing") from None
     except OSError as e:
@@ -235,19 +235,19 @@ def open_beneath(top: str, rel: str, *, create: bool = False) -> tuple[int, list
         for part in (p for p in rel.split("/") if p):
             path = f"{path}/{part}"
             try:
-                inner = posix.open(part, _O_DIR, dir_fd=fd)
+                inner = posix.open(part, O_DIR, dir_fd=fd)
             except FileNotFoundError:
                 if not create:
                     raise StoreError(f"{path}: missing") from None
                 _mkdir_at(fd, part, path)
-                inner = posix.open(part, _O_DIR, dir_fd=fd)
+                inner = posix.open(part, O_DIR, dir_fd=fd)
             except OSError as e:
                 if e.errno not in (errno.ELOOP, errno.ENOTDIR) or not create:
                     raise StoreError(f"{path}: not a directory (a symlink or a file), not followed") from None
                 remove_at(fd, part, path)
                 replaced.append(path)
                 _mkdir_at(fd, part, path)
-                inner = posix.open(part, _O_DIR, dir_fd=fd)
+                inner = posix.open(part, O_DIR, dir_fd=fd)
             posix.close(fd)
             fd = inner
             if posix.fstat(fd).st_dev != device:
@@ -334,7 +334,7 @@ def remove_at(dir_fd: int, name: str, display: str | None = None) -> bool:
 
 
 def _remove_tree(dir_fd: int, name: str) -> None:
-    fd = posix.open(name, _O_DIR, dir_fd=dir_fd)
+    fd = posix.open(name, O_DIR, dir_fd=dir_fd)
     try:
         with posix.scandir(fd) as entries:
             children = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]

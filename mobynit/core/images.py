@@ -31,7 +31,7 @@ import posix
 
 from mobynit.core import syscalls, sysext
 from mobynit.core.errors import StoreError, shown
-from mobynit.core.fileio import make_dirs
+from mobynit.core.fileio import O_DIR, make_dirs
 from mobynit.core.model import Container, Extension, Layer
 from mobynit.core.paths import basename, dirname
 
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from mobynit.core.facts import LayerFacts
 
 _S_IFMT, _S_IFDIR, _S_IFREG, _S_IFLNK = 0o170000, 0o040000, 0o100000, 0o120000
-_O_DIR = posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW | posix.O_CLOEXEC
 _O_IMAGE = posix.O_RDONLY | posix.O_NOFOLLOW | posix.O_NONBLOCK | posix.O_CLOEXEC  # a FIFO never blocks the boot
 # What a directory image's name may hold: it becomes a lower layer's name in a mount option.
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._+@-")
@@ -141,7 +140,7 @@ def find(directory: str, device: int, mounts: Mounts, kernel_release: str) -> li
         what = "a symlink" if st.st_mode & _S_IFMT == _S_IFLNK else "not a directory on the data partition"
         return [_refused(directory, f"{directory} is {what}, not followed")]
     try:
-        fd = posix.open(directory, _O_DIR)
+        fd = posix.open(directory, O_DIR)
     except OSError as e:
         return [_refused(directory, f"{directory}: cannot open: {e.strerror}")]
     found: list[Extension] = []

@@ -20,7 +20,7 @@ from mobynit.core.errors import StoreError
 from mobynit.core.errors import shown as printable
 from mobynit.core.facts import LayerFacts
 from mobynit.core.facts import load as load_facts
-from mobynit.core.fileio import check_dir, read_file, read_text, readlink, require_dir
+from mobynit.core.fileio import O_DIR, check_dir, read_file, read_text, readlink, require_dir
 from mobynit.core.model import Container, Extension, KernelModules, Layer
 from mobynit.core.paths import dirname
 
@@ -36,7 +36,6 @@ SMALL_LIMIT = 4096  # mount-id, lower
 PROBE = 16  # containers a scan reads before it judges whether sharing the rest out pays
 WORTH = 0.006  # seconds of reading each process must get for a fork to pay (docs/benchmark.md)
 MOUNTS = "image/overlay2/layerdb/mounts"
-_O_DIR = posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW | posix.O_CLOEXEC
 _S_IFMT, _S_IFDIR = 0o170000, 0o040000  # stat.S_IFMT(mode), stat.S_IFDIR, without a call
 
 
@@ -160,12 +159,12 @@ class Store:
         if not rel:
             # The root was checked level by level from `top` by device(); it is `top` itself
             # only when the operator named it so, and then it is followed like `top`.
-            flags = _O_DIR & ~posix.O_NOFOLLOW if self.root == self.top else _O_DIR
+            flags = O_DIR & ~posix.O_NOFOLLOW if self.root == self.top else O_DIR
             parent, name, shown = None, self.root, self.root
         else:
             parent_rel, _, name = rel.rpartition("/")
             parent = self._fd(parent_rel)
-            flags, shown = _O_DIR, f"{self.root}/{rel}"
+            flags, shown = O_DIR, f"{self.root}/{rel}"
         try:
             fd = posix.open(name, flags, dir_fd=parent)
         except FileNotFoundError:

@@ -17,11 +17,10 @@ import posix
 
 from mobynit.core import syscalls
 from mobynit.core.errors import MountError
-from mobynit.core.fileio import make_dirs
+from mobynit.core.fileio import O_DIR, make_dirs
 from mobynit.core.mounttable import mount_points
 from mobynit.core.paths import normpath
 
-_O_DIR = posix.O_RDONLY | posix.O_DIRECTORY | posix.O_NOFOLLOW | posix.O_CLOEXEC
 
 
 class WorkDir:
@@ -36,7 +35,7 @@ class WorkDir:
     def __enter__(self) -> WorkDir:
         try:
             make_dirs(self.path, 0o755)
-            self.fd = posix.open(self.path, _O_DIR)
+            self.fd = posix.open(self.path, O_DIR)
         except OSError as e:
             raise MountError(f"work directory {self.path}: {e.strerror}") from None
         try:

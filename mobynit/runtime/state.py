@@ -9,7 +9,7 @@ import os
 import stat
 
 from mobynit.core.errors import StoreError, UsageError, shown
-from mobynit.core.fileio import open_dir, read_file, remove_at, write_atomic_at
+from mobynit.core.fileio import O_DIR, open_dir, read_file, remove_at, write_atomic_at
 from mobynit.core.model import Record
 from mobynit.runtime import OCI_VERSION, RuntimeFailure
 from mobynit.runtime.hooks import hook_env
@@ -19,7 +19,6 @@ from mobynit.runtime.spec import parse_json, string_map
 CREATED = "created"
 STOPPED = "stopped"
 STATE_LIMIT = 1 << 20
-_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO planted at the lock's name is refused (ENXIO), never waited on.
 _O_LOCK = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -197,7 +196,7 @@ class StateDir:
         """The container directory's descriptor; None when there is none, or
         something else (a symlink, a file) sits at its name."""
         try:
-            return os.open(self.id, _O_DIR, dir_fd=self.root_fd)
+            return os.open(self.id, O_DIR, dir_fd=self.root_fd)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
                 return None
